@@ -32,10 +32,11 @@ class Settings:
     templates_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent / "templates")
     torch_threads: int = 0
     max_batch: int = 8
+    model_cache: Path | None = None  # PERSONAL_GPT_MODEL_CACHE: share converted models between homes
 
     @property
     def model_cache_dir(self) -> Path:
-        return self.home / "models"
+        return self.model_cache or self.home / "models"
 
     @property
     def secret_key_file(self) -> Path:
@@ -49,6 +50,9 @@ class Settings:
         kwargs = {}
         if templates:
             kwargs["templates_dir"] = Path(templates)
+        cache = os.environ.get("PERSONAL_GPT_MODEL_CACHE")
+        if cache:
+            kwargs["model_cache"] = Path(cache).expanduser()
         return cls(
             home=home,
             database_url=db_url,

@@ -1,0 +1,220 @@
+"""Builder: edit a GPT (name, avatar, instructions, starters, model) with a live
+preview chat beside the form; save drafts, publish, browse and restore versions."""
+
+import base64
+
+import streamlit as st
+
+from personal_gpt.web import glue
+
+svc = glue.services()
+me = glue.principal()
+gpt_id = glue.selected_gpt_id()
+
+MAX_AVATAR_BYTES = 300_000
+IMAGE_TYPES = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "gif": "gif", "webp": "webp"}
+
+
+def pick_gpt() -> None:
+    gpts = svc.list_gpts(me)
+    st.title("Builder")
+    if not gpts:
+        st.info("You have no GPTs yet: start one from a template on **My GPTs**.", icon="👋")
+        st.page_link("pages/my_gpts.py", label="Go to My GPTs", icon="🏠")
+        st.stop()
+    choice = st.selectbox("Which GPT do you want to edit?", gpts, format_func=lambda g: f"{g.avatar} {g.name}", index=None)
+    if choice is not None:
+        st.query_params["gpt"] = choice.id
+        st.rerun()
+    st.stop()
+
+
+if not gpt_id:
+    pick_gpt()
+
+try:
+    gpt = svc.get_gpt(me, gpt_id)
+except glue.PersonalGptError as exc:
+    st.title("Builder")
+    st.error(str(exc), icon="⚠️")
+    st.page_link("pages/my_gpts.py", label="Back to My GPTs", icon="🏠")
+    st.stop()
+
+spec = gpt.spec
+k = f"{gpt.id}-{gpt.revision}"  # widget keys: a saved/restored revision re-reads the stored values
+
+head = st.columns([6, 2])
+head[0].title(f"{spec.avatar if not spec.avatar.startswith('data:') else '🖼️'} {spec.name}")
+if gpt.published_version:
+    status = f"Published v{gpt.published_version}"
+    if gpt.published_version != gpt.latest_version:
+        status += f" · latest draft v{gpt.latest_version} is not published"
+    head[0].caption(f":green[●] {status}")
+else:
+    head[0].caption(f":orange[●] Draft v{gpt.latest_version} — not published yet")
+if gpt.published_version and head[1].button("Open chat", icon="💬", width="stretch"):
+    st.switch_page("pages/chat.py", query_params={"gpt": gpt.id})
+
+configure, versions_tab = st.tabs(["Configure", "Versions"])
+
+with configure:
+    form_col, preview_col = st.columns([3, 2], gap="large")
+
+    with form_col:
+        name = st.text_input("Name", value=spec.name, max_chars=80, key=f"name-{k}")
+        description = st.text_input(
+            "Description", value=spec.description, max_chars=500, key=f"desc-{k}",
+            placeholder="One sentence your clients see, e.g. 'Answers questions about our courses'",
+        )
+        a1, a2 = st.columns([1, 3])
+        current_image = spec.avatar if spec.avatar.startswith("data:") else ""
+        emoji = a1.text_input("Avatar (emoji)", value="" if current_image else spec.avatar, max_chars=8, key=f"emoji-{k}")
+        upload = a2.file_uploader("…or upload an image (PNG, JPEG, GIF, WebP, max 300 KB)",
+                                  type=list(IMAGE_TYPES), key=f"avatar-{k}")
+        avatar = emoji.strip() or current_image or "🤖"
+        avatar_error = None
+        if upload is not None:
+            data = upload.getvalue()
+            ext = upload.name.rsplit(".", 1)[-1].lower()
+            if len(data) > MAX_AVATAR_BYTES:
+                avatar_error = "That image is larger than 300 KB; pick a smaller one."
+            else:
+                avatar = f"data:image/{IMAGE_TYPES.get(ext, 'png')};base64,{base64.b64encode(data).decode()}"
+        if avatar.startswith("data:"):
+            a1.image(avatar, width=48)
+        if avatar_error:
+            st.error(avatar_error)
+
+        instructions = st.text_area(
+            "Instructions", value=spec.instructions, height=280, key=f"instr-{k}",
+            help="What your GPT does, how it talks, what it must never do. Short bullet rules work best.",
+        )
+        starters_text = st.text_area(
+            "Conversation starters (one per line)", value="\n".join(spec.starters), height=110, key=f"starters-{k}"
+        )
+        choices = svc.model_choices(me)
+        refs = [c[0] for c in choices]
+        current_ref = spec.model if spec.model in refs else ""
+        model_ref = st.selectbox(
+            "Model", refs, index=refs.index(current_ref), format_func=dict(choices).get, key=f"model-{k}",
+            help="Add Ollama, vLLM, llama.cpp server or OpenAI endpoints in Settings.",
+        )
+        with st.expander("Answer settings"):
+            g = spec.generation
+            temperature = st.slider("Creativity (temperature)", 0.0, 2.0, float(g.temperature), 0.05, key=f"temp-{k}",
+                                    help="0 = always the same answer; higher = more varied.")
+            max_new_tokens = st.slider("Longest answer (tokens)", 16, 2048, int(g.max_new_tokens), 16, key=f"len-{k}")
+            top_p = st.slider("Top-p", 0.05, 1.0, float(g.top_p), 0.05, key=f"topp-{k}")
+            repetition_penalty = st.slider("Repetition penalty", 1.0, 2.0, float(g.repetition_penalty), 0.05, key=f"rep-{k}")
+
+        draft = {
+            "name": name, "description": description, "avatar": avatar, "instructions": instructions,
+            "starters": [s for s in starters_text.splitlines() if s.strip()], "model": model_ref,
+            "generation": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                           "repetition_penalty": repetition_penalty, "seed": g.seed},
+            "template_id": spec.template_id, "blanks": spec.blanks,
+        }
+        draft_spec, draft_error = None, None
+        try:
+            from personal_gpt.services import make_spec
+
+            draft_spec = make_spec(draft)
+            count = svc.count_instruction_tokens(me, draft_spec)
+            share = min(1.0, (count.tokens + draft_spec.generation.max_new_tokens) / count.context_window)
+            st.progress(share, text=f"Instructions: {'' if count.exact else '≈'}{count.tokens:,} tokens "
+                                    f"+ {draft_spec.generation.max_new_tokens:,} for the answer, of the model's "
+                                    f"{count.context_window:,}-token context window")
+        except glue.PersonalGptError as exc:
+            draft_error = str(exc)
+            st.error(draft_error, icon="⚠️")
+
+        b = st.columns(4)
+        save = b[0].button("Save draft", icon="💾", width="stretch", disabled=draft_spec is None)
+        publish = b[1].button("Publish", icon="🚀", type="primary", width="stretch", disabled=draft_spec is None)
+        duplicate = b[2].button("Duplicate", icon="📄", width="stretch")
+        delete = b[3].button("Delete", icon="🗑️", width="stretch")
+
+        if save or publish:
+            with glue.friendly_errors():
+                saved = svc.save_draft(me, gpt.id, draft_spec, gpt.revision)
+                if publish:
+                    saved = svc.publish(me, gpt.id)
+                    st.toast(f"Published v{saved.published_version}: clients now chat with this version.", icon="🚀")
+                else:
+                    st.toast(f"Saved as v{saved.latest_version}.", icon="💾")
+                st.rerun()
+        if duplicate:
+            with glue.friendly_errors():
+                copy = svc.duplicate(me, gpt.id)
+                st.switch_page("pages/builder.py", query_params={"gpt": copy.id})
+
+        def close_delete() -> None:
+            st.session_state.pop(f"delete-{gpt.id}", None)
+
+        @st.dialog("Delete this GPT?", on_dismiss=close_delete)
+        def confirm_delete() -> None:
+            st.write(f"**{spec.name}**, all its versions and all its conversations will be deleted. This cannot be undone.")
+            c1, c2 = st.columns(2)
+            if c1.button("Delete forever", type="primary", width="stretch"):
+                with glue.friendly_errors():
+                    svc.delete_gpt(me, gpt.id)
+                    st.session_state.pop(f"preview-{gpt.id}", None)
+                    close_delete()
+                    st.switch_page("pages/my_gpts.py")
+            if c2.button("Keep it", width="stretch"):
+                close_delete()
+                st.rerun()
+
+        if delete:
+            st.session_state[f"delete-{gpt.id}"] = True
+        if st.session_state.get(f"delete-{gpt.id}"):
+            confirm_delete()
+
+    with preview_col:
+        top = st.columns([3, 2])
+        top[0].subheader("Preview")
+        if top[1].button("Restart", icon="🔄", width="stretch", help="Start a fresh preview conversation"):
+            st.session_state.pop(f"preview-{gpt.id}", None)
+        st.caption("Chats with the draft as it is in the form now, saved or not.")
+        conv_key = f"preview-{gpt.id}"
+        box = st.container(height=480, border=True)
+        with box:
+            conv_id = st.session_state.get(conv_key)
+            if conv_id:
+                with glue.friendly_errors():
+                    glue.show_messages(svc.messages(me, conv_id), avatar)
+            elif draft_spec and draft_spec.starters:
+                st.caption("Try a starter:")
+                for i, s in enumerate(draft_spec.starters):
+                    if st.button(s, key=f"pstarter-{k}-{i}"):
+                        st.session_state[f"pending-{gpt.id}"] = s
+        prompt = st.chat_input("Message the preview", key=f"pinput-{gpt.id}", disabled=draft_spec is None,
+                               submit_mode="stop")
+        prompt = prompt or st.session_state.pop(f"pending-{gpt.id}", None)
+        if prompt and draft_spec is not None:
+            with box:
+                if not st.session_state.get(conv_key):
+                    st.session_state[conv_key] = svc.start_conversation(me, gpt.id, source="preview")
+                cid = st.session_state[conv_key]
+                glue.stream_turn(lambda m: svc.send(me, cid, m, spec=draft_spec), prompt, avatar)
+
+with versions_tab:
+    versions = svc.versions(me, gpt.id)
+    st.caption("Every save is a version. Clients chat with the published one; restoring copies an old version "
+               "into a new draft, so nothing is ever lost.")
+    for v in versions:
+        with st.container(border=True):
+            c = st.columns([4, 1.3, 1.3])
+            badge = " · :green[published]" if v.number == gpt.published_version else ""
+            c[0].markdown(f"**v{v.number}** — {v.note}{badge}  \n{glue.when(v.created_at)}")
+            if c[1].button("Restore", key=f"restore-{v.number}", disabled=v.number == gpt.latest_version, width="stretch"):
+                with glue.friendly_errors():
+                    svc.restore_version(me, gpt.id, v.number)
+                    st.toast(f"Restored v{v.number} as a new draft.", icon="↩️")
+                    st.rerun()
+            if c[2].button("Publish", key=f"pub-{v.number}", disabled=v.number == gpt.published_version, width="stretch"):
+                with glue.friendly_errors():
+                    svc.publish(me, gpt.id, v.number)
+                    st.rerun()
+            with c[0].expander("Instructions"):
+                st.text(v.spec.get("instructions", ""))

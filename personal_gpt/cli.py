@@ -1,0 +1,258 @@
+"""The `personal-gpt` command: the same operations as the UI, for scripts.
+
+Every command goes through ``services``; a PersonalGptError becomes one
+sentence on stderr and exit code 2, never a traceback. Heavy libraries load
+only in the commands that chat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from personal_gpt.auth import Principal
+from personal_gpt.errors import PersonalGptError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _services():
+    from personal_gpt.services import Services
+
+    return Services()
+
+
+def friendly(fn):
+    """Turn our errors into a sentence on stderr and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PersonalGptError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _principal() -> Principal:
+    return Principal.local()
+
+
+def _dump(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="personal-gpt")
+def main():
+    """Personal GPTs: make, chat with and share your own GPTs.
+
+    All state lives under PERSONAL_GPT_HOME (default ~/.personal-gpt)."""
+
+
+@main.command("templates")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def templates_cmd(as_json):
+    """List the templates you can start from."""
+    svc = _services()
+    items = svc.templates()
+    if as_json:
+        _dump([
+            {"id": t.id, "name": t.name, "description": t.description, "icon": t.icon,
+             "blanks": [{"key": b.key, "label": b.label, "required": b.required} for b in t.blanks]}
+            for t in items
+        ])
+        return
+    for t in items:
+        blanks = ", ".join(f"{b.key}{'' if b.required else '?'}" for b in t.blanks)
+        click.echo(f"{t.id:<24} {t.icon} {t.name} — {t.description}")
+        if blanks:
+            click.echo(f"{'':<24}   blanks: {blanks}")
+    for problem in svc.template_problems():
+        click.echo(f"(skipped {problem.file}: {problem.message})", err=True)
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise PersonalGptError(f"--set takes blank=value, got '{item}'.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+@main.command("create")
+@click.option("--template", "-t", "template_id", help="Template id (see `personal-gpt templates`).")
+@click.option("--name", "-n", default="", help="The GPT's name.")
+@click.option("--set", "sets", multiple=True, metavar="BLANK=VALUE", help="Fill a template blank (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def create_cmd(template_id, name, sets, as_json):
+    """Create a GPT (from a template) and print its id."""
+    svc = _services()
+    if not template_id and not name.strip():
+        raise PersonalGptError("Give a --template to start from, or a --name for a blank GPT.")
+    gpt = svc.create_gpt(_principal(), template_id=template_id, name=name or None, blanks=_parse_sets(sets))
+    if as_json:
+        _dump({"id": gpt.id, "name": gpt.name, "version": gpt.latest_version})
+    else:
+        click.echo(gpt.id)
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def list_cmd(as_json):
+    """List your GPTs."""
+    items = _services().list_gpts(_principal())
+    if as_json:
+        _dump([
+            {"id": g.id, "name": g.name, "description": g.description, "latest_version": g.latest_version,
+             "published_version": g.published_version, "updated_at": g.updated_at}
+            for g in items
+        ])
+        return
+    if not items:
+        click.echo("No GPTs yet. Start from a template: personal-gpt templates")
+    for g in items:
+        state = f"published v{g.published_version}" if g.is_published else "draft"
+        click.echo(f"{g.id}  {g.avatar} {g.name}  ({state}, latest v{g.latest_version})")
+
+
+@main.command("show")
+@click.argument("gpt_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def show_cmd(gpt_id, as_json):
+    """Show a GPT's definition."""
+    gpt = _services().get_gpt(_principal(), gpt_id)
+    data = {"id": gpt.id, "latest_version": gpt.latest_version, "published_version": gpt.published_version,
+            **gpt.spec.model_dump(mode="json")}
+    if as_json:
+        _dump(data)
+        return
+    click.echo(f"{gpt.spec.avatar} {gpt.name}  [{gpt.id}]")
+    if gpt.spec.description:
+        click.echo(gpt.spec.description)
+    click.echo(f"Versions: latest v{gpt.latest_version}, published: "
+               f"{'v' + str(gpt.published_version) if gpt.published_version else 'not yet'}")
+    click.echo("\nInstructions:\n" + gpt.spec.instructions)
+    if gpt.spec.starters:
+        click.echo("\nConversation starters:")
+        for s in gpt.spec.starters:
+            click.echo(f"  - {s}")
+
+
+@main.command("publish")
+@click.argument("gpt_id")
+@click.option("--version", "version", type=int, default=None, help="Version number (default: the latest).")
+@friendly
+def publish_cmd(gpt_id, version):
+    """Publish a GPT's latest (or a given) version."""
+    gpt = _services().publish(_principal(), gpt_id, version)
+    click.echo(f"Published {gpt.name} v{gpt.published_version}.")
+
+
+def _reply_json(gpt_id, reply, wall):
+    return {
+        "gpt": gpt_id,
+        "answer": reply.text,
+        "model": reply.model_name,
+        "finish_reason": reply.usage.finish_reason,
+        "usage": {"prompt_tokens": reply.usage.prompt_tokens, "completion_tokens": reply.usage.completion_tokens},
+        "timings": {"first_token_s": reply.meta["first_token_s"], "total_s": round(wall, 4)},
+    }
+
+
+@main.command("ask")
+@click.argument("gpt_id")
+@click.argument("message")
+@click.option("--json", "as_json", is_flag=True, help="Print answer, model and timings as JSON.")
+@click.option("--draft", is_flag=True, help="Use the latest draft instead of the published version.")
+@friendly
+def ask_cmd(gpt_id, message, as_json, draft):
+    """Ask a GPT one question and print the answer."""
+    svc = _services()
+    p = _principal()
+    gpt = svc.get_gpt(p, gpt_id)
+    spec = gpt.spec if (draft or gpt.published_version is None) else None
+    conv = svc.start_conversation(p, gpt_id, source="cli")
+    t0 = time.perf_counter()
+    reply = svc.send(p, conv, message, spec=spec)
+    if as_json:
+        for _ in reply.pieces:
+            pass
+        _dump(_reply_json(gpt_id, reply, time.perf_counter() - t0))
+        return
+    for piece in reply.pieces:
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main.command("chat")
+@click.argument("gpt_id")
+@click.option("--draft", is_flag=True, help="Use the latest draft instead of the published version.")
+@friendly
+def chat_cmd(gpt_id, draft):
+    """Chat with a GPT in the terminal (empty line or Ctrl-D to quit)."""
+    svc = _services()
+    p = _principal()
+    gpt = svc.get_gpt(p, gpt_id)
+    spec = gpt.spec if (draft or gpt.published_version is None) else None
+    conv = svc.start_conversation(p, gpt_id, source="cli")
+    click.echo(f"{gpt.spec.avatar} {gpt.name} — type a message; an empty line quits.")
+    while True:
+        try:
+            message = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            break
+        if not message:
+            break
+        try:
+            reply = svc.send(p, conv, message, spec=spec)
+            click.echo(f"{gpt.name}> ", nl=False)
+            for piece in reply.pieces:
+                click.echo(piece, nl=False)
+            click.echo()
+        except KeyboardInterrupt:
+            click.echo("\n(stopped)")
+        except PersonalGptError as exc:
+            click.echo(f"Error: {exc}", err=True)
+
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+@main.command("serve")
+@click.option("--port", type=int, default=8501, show_default=True)
+@click.option("--host", default="localhost", show_default=True, help="Address to listen on.")
+def serve_cmd(port, host):
+    """Start the app (web UI and HTTP routes on one port)."""
+    if host not in LOCAL_HOSTS:
+        click.echo(
+            f"Warning: listening on {host} with no sign-in configured: anyone who can reach this "
+            "address can use and change your GPTs.", err=True,
+        )
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "streamlit_app.py"),
+        "--server.port", str(port), "--server.address", host, "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+    ]
+    click.echo(f"Personal GPTs is starting at http://{'localhost' if host in LOCAL_HOSTS else host}:{port}")
+    os.chdir(REPO_ROOT)
+    os.execv(sys.executable, cmd)  # one process: the server replaces this command
+
+
+if __name__ == "__main__":
+    main()

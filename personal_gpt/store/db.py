@@ -1,0 +1,110 @@
+"""Opening the database: engine, SQLite pragmas, Alembic migrations.
+
+``open_store(settings)`` returns a migrated Store. A damaged SQLite file or an
+unreachable server becomes a ``StoreError`` with one sentence; the detail goes
+to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from personal_gpt.config import Settings
+from personal_gpt.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_migrate_lock = threading.Lock()
+
+
+def _redacted(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for messages
+        return "the configured database"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with _migrate_lock, engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Store:
+    """A migrated database plus short transactions for the repositories."""
+
+    def __init__(self, engine: Engine, url: str):
+        self.engine = engine
+        self.url = url
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        """One transaction: everything in it is written, or nothing is."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(settings: Settings) -> Store:
+    url = settings.database_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = make_engine(url)
+        migrate(engine)
+    except sa.exc.DatabaseError as exc:
+        log.error("cannot open database %s: %s", _redacted(url), exc)
+        if url.startswith("sqlite"):
+            raise StoreError(
+                f"The database file {url.removeprefix('sqlite:///')} is damaged or is not a Personal GPTs "
+                "database. Move it aside (or restore a backup) and start again."
+            ) from None
+        raise StoreError(f"Could not open the database at {_redacted(url)}: check that it is running and reachable.") from None
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, OSError) as exc:
+        log.error("cannot open database %s: %s", _redacted(url), exc)
+        raise StoreError(f"Could not open the database at {_redacted(url)}: check that it is running and reachable.") from None
+    except sa.exc.ArgumentError:
+        raise StoreError("PERSONAL_GPT_DATABASE_URL is not a valid database address.") from None
+    return Store(engine, url)

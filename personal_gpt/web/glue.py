@@ -1,0 +1,83 @@
+"""Streamlit glue: the one cached Services per process, the acting Principal,
+URL helpers and error display. Pages import this, never the store or models.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import streamlit as st
+
+from personal_gpt.auth import Principal
+from personal_gpt.errors import PersonalGptError  # noqa: F401 (pages use glue.PersonalGptError)
+
+
+@st.cache_resource(show_spinner=False)
+def services():
+    from personal_gpt.services import Services
+
+    return Services()
+
+
+def principal() -> Principal:
+    """The local creator (sign-in arrives with share links and accounts)."""
+    return Principal.local()
+
+
+@contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Show our errors as one sentence; never a traceback."""
+    try:
+        yield
+    except PersonalGptError as exc:
+        st.error(str(exc), icon="⚠️")
+
+
+def selected_gpt_id() -> str | None:
+    value = st.query_params.get("gpt")
+    return value or None
+
+
+def avatar_for(avatar: str) -> str:
+    """st.chat_message accepts an emoji or an image URL/data URI."""
+    return avatar or "🤖"
+
+
+def when(dt) -> str:
+    try:
+        return dt.astimezone().strftime("%d %b %Y, %H:%M")
+    except Exception:  # noqa: BLE001 - display only
+        return str(dt)
+
+
+def show_messages(messages, avatar: str) -> None:
+    """Past turns. Text goes through st.markdown, which never renders raw HTML."""
+    for m in messages:
+        with st.chat_message(m.role, avatar=avatar_for(avatar) if m.role == "assistant" else None):
+            st.markdown(m.content)
+            if m.role == "assistant" and (m.meta or {}).get("finish_reason") == "cancelled":
+                st.caption("Stopped.")
+
+
+def stream_turn(send, message: str, avatar: str) -> bool:
+    """Show the person's message, then stream the answer from ``send(message)``.
+
+    Returns True when an answer was produced; a PersonalGptError is shown as one
+    sentence instead.
+    """
+    with st.chat_message("user"):
+        st.markdown(message)
+    try:
+        with st.spinner("Thinking… (the first answer also loads the model)"):
+            reply = send(message)
+    except PersonalGptError as exc:
+        st.error(str(exc), icon="⚠️")
+        return False
+    with st.chat_message("assistant", avatar=avatar_for(avatar)):
+        try:
+            st.write_stream(reply.pieces)
+        except PersonalGptError as exc:
+            st.error(str(exc), icon="⚠️")
+            return False
+    return True

@@ -1,0 +1,23 @@
+"""Entry point: Streamlit pages and our HTTP routes in one process, one port.
+
+`streamlit run streamlit_app.py` (or `personal-gpt serve`) finds ``app``; when
+Streamlit runs this file as the page script, it builds the navigation.
+"""
+
+from streamlit.starlette import App
+
+from personal_gpt.web.routes import routes
+
+app = App(__file__, routes=routes())
+
+if __name__ == "__main__":
+    import streamlit as st
+
+    st.set_page_config(page_title="Personal GPTs", page_icon="🤖", layout="wide")
+    pages = [
+        st.Page("pages/my_gpts.py", title="My GPTs", icon="🏠", default=True, url_path="gpts"),
+        st.Page("pages/builder.py", title="Builder", icon="🛠️", url_path="builder"),
+        st.Page("pages/chat.py", title="Chat", icon="💬", url_path="chat"),
+        st.Page("pages/settings.py", title="Settings", icon="⚙️", url_path="settings"),
+    ]
+    st.navigation(pages).run()
