@@ -6,9 +6,10 @@ Streamlit runs this file as the page script, it builds the navigation.
 
 from streamlit.starlette import App
 
+from personal_gpt.web.glue import lifespan
 from personal_gpt.web.routes import routes
 
-app = App(__file__, routes=routes())
+app = App(__file__, routes=routes(), lifespan=lifespan)
 
 if __name__ == "__main__":
     import streamlit as st

@@ -8,18 +8,14 @@ only in the commands that chat.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from functools import wraps
-from pathlib import Path
 
 import click
 
 from personal_gpt.auth import Principal
 from personal_gpt.errors import PersonalGptError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _services():
@@ -244,14 +240,10 @@ def serve_cmd(port, host):
             f"Warning: listening on {host} with no sign-in configured: anyone who can reach this "
             "address can use and change your GPTs.", err=True,
         )
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "streamlit_app.py"),
-        "--server.port", str(port), "--server.address", host, "--server.headless", "true",
-        "--browser.gatherUsageStats", "false",
-    ]
     click.echo(f"Personal GPTs is starting at http://{'localhost' if host in LOCAL_HOSTS else host}:{port}")
-    os.chdir(REPO_ROOT)
-    os.execv(sys.executable, cmd)  # one process: the server replaces this command
+    from personal_gpt.web.server import serve
+
+    serve(port, host)
 
 
 if __name__ == "__main__":

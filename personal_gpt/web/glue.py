@@ -4,7 +4,8 @@ URL helpers and error display. Pages import this, never the store or models.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import threading
+from contextlib import asynccontextmanager, contextmanager
 from typing import Iterator
 
 import streamlit as st
@@ -13,11 +14,38 @@ from personal_gpt.auth import Principal
 from personal_gpt.errors import PersonalGptError  # noqa: F401 (pages use glue.PersonalGptError)
 
 
-@st.cache_resource(show_spinner=False)
-def services():
-    from personal_gpt.services import Services
+_services = None
+_services_lock = threading.Lock()
 
-    return Services()
+
+def services():
+    """The one Services of this process (store, templates, loaded models), shared by
+    every session and warmed at server start by ``warm_up``."""
+    global _services
+    if _services is None:
+        with _services_lock:
+            if _services is None:
+                from personal_gpt.services import Services
+
+                _services = Services()
+    return _services
+
+
+def warm_up() -> None:
+    """Open the database and read the templates before the first visitor arrives."""
+    try:
+        svc = services()
+        svc.store
+        svc.templates()
+    except PersonalGptError:
+        pass  # the first page shows the sentence
+
+
+@asynccontextmanager
+async def lifespan(app):
+    """Server start: warm the services in the background; the server answers at once."""
+    threading.Thread(target=warm_up, name="personal-gpt-warm-up", daemon=True).start()
+    yield
 
 
 def principal() -> Principal:

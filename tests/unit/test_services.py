@@ -341,6 +341,17 @@ def test_migrations_match_the_schema(svc):
     assert diff == []
 
 
+def test_head_revision_constant_matches_alembic():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from personal_gpt.store.db import HEAD_REVISION, MIGRATIONS_DIR
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+
+
 def test_concurrent_editors_never_see_database_locked(svc):
     gpt = blank_gpt(svc)
     errors, conflicts, saved = [], [], []
