@@ -87,10 +87,12 @@ if regenerating:
             reply = svc.regenerate(me, conv_id)
         with st.chat_message("assistant", avatar=glue.avatar_for(spec.avatar)):
             st.write_stream(reply.pieces)
+        st.rerun()
     except glue.PersonalGptError as exc:
         st.error(str(exc), icon="⚠️")
 elif prompt:
     if not st.session_state.get(conv_key):
         st.session_state[conv_key] = svc.start_conversation(me, gpt_id, source="chat")
     cid = st.session_state[conv_key]
-    glue.stream_turn(lambda m: svc.send(me, cid, m), prompt, spec.avatar)
+    if glue.stream_turn(lambda m: svc.send(me, cid, m), prompt, spec.avatar):
+        st.rerun()  # show the saved turn with its actions (regenerate)

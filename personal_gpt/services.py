@@ -414,7 +414,6 @@ class Services:
         with self.store.tx() as conn:
             if not repos.delete_provider(conn, uid, _check_id(provider_id, "provider")):
                 raise NotFound("There is no provider with that id.")
-        self.models.forget(f"openai:{provider_id}")
 
     def test_provider(self, p: Principal, provider_id: str) -> list[str]:
         """A real round trip to the endpoint; returns the model ids it lists."""

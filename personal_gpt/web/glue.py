@@ -41,9 +41,22 @@ def warm_up() -> None:
         pass  # the first page shows the sentence
 
 
+def explicit_navigation_only() -> None:
+    """Streamlit switches to its old automatic multipage mode when a `pages/` folder
+    sits beside the entry script, until some run calls st.navigation — so a first
+    visit straight to /builder would get the automatic menu. Our navigation is
+    always explicit (streamlit_app.py), so we say so before any session starts."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if hasattr(PagesManager, "uses_pages_directory"):
+        PagesManager.uses_pages_directory = False
+
+
 @asynccontextmanager
 async def lifespan(app):
-    """Server start: warm the services in the background; the server answers at once."""
+    """Server start: explicit navigation; warm the services in the background while
+    the server already answers."""
+    explicit_navigation_only()
     threading.Thread(target=warm_up, name="personal-gpt-warm-up", daemon=True).start()
     yield
 

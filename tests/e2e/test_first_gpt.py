@@ -14,6 +14,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 def test_create_publish_and_chat_with_streamed_answer(live_server, page):
     page.set_default_timeout(60_000)
+    # a first visit straight to a page keeps our own navigation (not Streamlit's automatic pages/ menu)
+    page.goto(live_server.url + "/builder")
+    nav = page.get_by_test_id("stSidebarNav")
+    expect(nav.get_by_role("link", name="My GPTs")).to_be_visible()
+    expect(nav).not_to_contain_text("streamlit app")
+    expect(page.get_by_text("You have no GPTs yet: start one from a template")).to_be_visible()
     page.goto(live_server.url + "/")
     expect(page.get_by_text("You have no GPTs yet")).to_be_visible()
 

@@ -54,8 +54,5 @@ class FakeRegistry:
             provider_lookup(ref.split(":", 1)[1])  # raises NotFound for someone else's provider
         return self.model
 
-    def forget(self, ref):
-        pass
-
     def close(self):
         pass
