@@ -421,7 +421,10 @@ class Services:
         from personal_gpt.models.openai_compat import OpenAICompatModel
 
         model = OpenAICompatModel(cfg["base_url"], cfg["api_key"], cfg["model"], name=cfg["name"], timeout=10)
-        return model.test_connection()
+        try:
+            return model.test_connection()
+        finally:
+            model.close()
 
     def model_choices(self, p: Principal) -> list[tuple[str, str]]:
         """(reference, label) pairs for the builder's model picker."""

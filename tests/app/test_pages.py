@@ -192,7 +192,17 @@ def test_chat_without_selection_lists_published(svc):
     assert any("Publish a GPT" in t for t in texts(at.info))
 
 
+@pytest.fixture
+def openai_server():
+    """A real OpenAI-compatible HTTP server on 127.0.0.1 (tests/support/openai_server.py)."""
+    from tests.support.openai_server import running_openai_server
+
+    with running_openai_server(api_key="sk-page-test") as server:
+        yield server
+
+
 def test_settings_add_test_remove_provider(svc, openai_server):
+    openai_server.api_key, openai_server.model = "sk-page-test", "echo"
     at = app("pages/settings.py")
     assert not at.exception
     at.text_input[0].input("Local test server")
