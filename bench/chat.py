@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from personal_gpt.config import Settings  # noqa: E402
 from personal_gpt.gpts import GenerationSettings  # noqa: E402
 from personal_gpt.models.base import Usage  # noqa: E402
-from personal_gpt.models.local import bundled_local_model  # noqa: E402
+from personal_gpt.models.bundled import bundled_local_model  # noqa: E402
 
 SYSTEM_PROMPT = """You are "Garden Helper", a friendly assistant made by a small community garden in Leeds for its members and neighbours.
 

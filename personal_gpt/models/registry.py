@@ -134,7 +134,7 @@ class ModelRegistry:
 
     def _create(self, kind: str, target: str, provider: Any) -> ChatModel:
         if kind == "bundled":
-            from personal_gpt.models.local import bundled_local_model
+            from personal_gpt.models.bundled import bundled_local_model
 
             return bundled_local_model(self.settings)
         if kind == "hf":

@@ -20,12 +20,8 @@ from personal_gpt.config import Settings  # noqa: E402
 from personal_gpt.errors import InvalidInput, ModelError  # noqa: E402
 from personal_gpt.gpts import GenerationSettings  # noqa: E402
 from personal_gpt.models.base import ChatModel, Usage  # noqa: E402
-from personal_gpt.models.local import (  # noqa: E402
-    BUNDLED_ID,
-    LocalModel,
-    ensure_bundled_model,
-    is_complete_model_dir,
-)
+from personal_gpt.models.bundled import BUNDLED_ID, ensure_bundled_model, is_complete_model_dir  # noqa: E402
+from personal_gpt.models.local import LocalModel  # noqa: E402
 
 MAX_NEW = 24
 GREEDY = GenerationSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=MAX_NEW)
@@ -154,7 +150,7 @@ def test_stream_equals_plain_generate(model, messages):
 
 @pytest.mark.slow
 def test_shared_instructions_are_computed_once(model):
-    from personal_gpt.models.local import MIN_PREFIX_TOKENS
+    from personal_gpt.models.batching import MIN_PREFIX_TOKENS
 
     list(model.stream(user("How do I keep slugs off my lettuce?", system=LONG_INSTRUCTIONS), GREEDY))
     other = model.encode(user("Which herbs grow in shade?", system=LONG_INSTRUCTIONS))
@@ -297,7 +293,7 @@ def test_growing_kv_layer_matches_concatenation():
     concatenation would, through growth, batch selection, trimming and merging."""
     import torch
 
-    from personal_gpt.models.local import KV_HEADROOM, _growing_layer
+    from personal_gpt.models.batching import KV_HEADROOM, _growing_layer
 
     layer = _growing_layer()()
     torch.manual_seed(0)

