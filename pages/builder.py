@@ -55,7 +55,7 @@ else:
 if gpt.published_version and head[1].button("Open chat", icon="💬", width="stretch"):
     st.switch_page("pages/chat.py", query_params={"gpt": gpt.id})
 
-configure, versions_tab = st.tabs(["Configure", "Versions"])
+configure, knowledge_tab, versions_tab = st.tabs(["Configure", "Knowledge", "Versions"])
 
 with configure:
     form_col, preview_col = st.columns([3, 2], gap="large")
@@ -113,6 +113,7 @@ with configure:
             "generation": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                            "repetition_penalty": repetition_penalty, "seed": g.seed},
             "template_id": spec.template_id, "blanks": spec.blanks,
+            "knowledge_only": st.session_state.get(f"konly-{k}", spec.knowledge_only),
         }
         draft_spec, draft_error = None, None
         try:
@@ -197,6 +198,86 @@ with configure:
                     st.session_state[conv_key] = svc.start_conversation(me, gpt.id, source="preview")
                 cid = st.session_state[conv_key]
                 glue.stream_turn(lambda m: svc.send(me, cid, m, spec=draft_spec), prompt, avatar)
+
+with knowledge_tab:
+    from personal_gpt.knowledge.sniff import EXTENSIONS
+
+    st.caption("Add your handbook, price list, slides or FAQ: your GPT answers from them and shows the file and "
+               "page each answer came from.")
+    st.toggle("Answer only from my knowledge (say \"I don't know\" when the files don't cover a question)",
+              value=spec.knowledge_only, key=f"konly-{k}",
+              help="Takes effect when you save or publish.")
+    upload_key = f"kupload-{gpt.id}-{st.session_state.get(f'kupload-n-{gpt.id}', 0)}"
+    uploads = st.file_uploader("Add files", accept_multiple_files=True, key=upload_key,
+                               type=sorted(EXTENSIONS),
+                               help=f"Up to {svc.settings.max_upload_mb} MB per file.")
+    if uploads and st.button("Add to knowledge", type="primary", icon="📥"):
+        with glue.friendly_errors():
+            result = svc.add_knowledge(me, gpt.id, [(u.name, u.getvalue()) for u in uploads])
+            st.session_state[f"kupload-n-{gpt.id}"] = st.session_state.get(f"kupload-n-{gpt.id}", 0) + 1
+            st.session_state[f"kresult-{gpt.id}"] = [(a.name, a.status, a.message) for a in result.files]
+            st.rerun()
+    for name, status, message in st.session_state.pop(f"kresult-{gpt.id}", []):
+        if status == "rejected":
+            st.error(f"{name}: {message}", icon="⚠️")
+        elif status == "duplicate":
+            st.info(f"{name}: {message}", icon="ℹ️")
+
+    def is_busy(files) -> bool:
+        return any(f.status in ("queued", "parsing", "embedding") for f in files)
+
+    polling = is_busy(svc.list_knowledge(me, gpt.id))
+
+    @st.fragment(run_every=1.0 if polling else None)  # refresh progress only while files are being read
+    def knowledge_status() -> None:
+        files = svc.list_knowledge(me, gpt.id)
+        busy = is_busy(files)
+        if polling and not busy:
+            st.rerun(scope="app")  # done: show the final state and stop polling
+        if busy:
+            jobs = svc.knowledge_jobs(me, gpt.id, limit=1)
+            job = jobs[0] if jobs else None
+            st.progress(job.progress if job else 0.0, text=job.message if job else "Waiting…")
+        if not files:
+            st.info("No knowledge files yet.", icon="📚")
+            return
+        labels = {"queued": "⏳ waiting", "parsing": "📖 reading", "embedding": "🧮 indexing", "ready": "✅ ready",
+                  "failed": "⚠️ failed"}
+        for f in files:
+            c = st.columns([5, 2, 3, 1.2])
+            c[0].markdown(f"**{f.display_name}**")
+            c[1].write(labels.get(f.status, f.status))
+            if f.status == "failed":
+                c[2].caption(f.error)
+            elif f.status == "ready":
+                c[2].caption(f"{f.chunk_count} passages" + (f" · {f.pages} pages" if f.pages else ""))
+            if c[3].button("Remove", key=f"krm-{f.id}"):
+                st.session_state[f"kconfirm-{gpt.id}"] = f.id
+                st.rerun(scope="app")
+
+    knowledge_status()
+    confirm_id = st.session_state.get(f"kconfirm-{gpt.id}")
+    if confirm_id:
+        st.warning("Remove this file and everything your GPT learned from it?")
+        y, n = st.columns(2)
+        if y.button("Remove file", type="primary", key="kconfirm-yes"):
+            with glue.friendly_errors():
+                svc.remove_knowledge(me, gpt.id, confirm_id)
+            st.session_state.pop(f"kconfirm-{gpt.id}", None)
+            st.rerun()
+        if n.button("Keep it", key="kconfirm-no"):
+            st.session_state.pop(f"kconfirm-{gpt.id}", None)
+            st.rerun()
+    query = st.text_input("Try a search", placeholder="e.g. How much is delivery?", key=f"ksearch-{gpt.id}")
+    if query:
+        with glue.friendly_errors():
+            hits = svc.search_knowledge(me, gpt.id, query, k=5)
+            if not hits:
+                st.caption("Nothing found.")
+            for h in hits:
+                where = h.file + (f", page {h.page}" if h.page else "")
+                st.caption(f"[{h.n}] {where} · score {h.score:.3f}")
+                st.text(h.text)
 
 with versions_tab:
     versions = svc.versions(me, gpt.id)

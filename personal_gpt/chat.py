@@ -21,9 +21,12 @@ MAX_MESSAGE_CHARS = 8_000
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant."
 
 
-def build_messages(spec: GptSpec, history: list[Message], message: str) -> list[Message]:
-    """System instructions first, then the conversation so far, then the new message."""
+def build_messages(spec: GptSpec, history: list[Message], message: str, context: str = "") -> list[Message]:
+    """System instructions first (then any knowledge context, which never comes
+    before them), then the conversation so far, then the new message."""
     system = spec.instructions.strip() or DEFAULT_INSTRUCTIONS
+    if context:
+        system = f"{system}\n\n{context}"
     out: list[Message] = [{"role": "system", "content": system}]
     for turn in history:
         if turn.get("role") in ("user", "assistant") and turn.get("content"):
@@ -70,6 +73,7 @@ class Reply:
 
     model_name: str
     pieces: Iterator[str] | None = None
+    citations: list[dict] = field(default_factory=list)
     text: str = ""
     usage: Usage = field(default_factory=Usage)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -85,13 +89,16 @@ class Reply:
             "first_token_s": None if u.first_token_s is None else round(u.first_token_s, 4),
             "total_s": None if u.total_s is None else round(u.total_s, 4),
             "finish_reason": u.finish_reason,
+            **({"citations": self.citations} if self.citations else {}),
         }
 
 
-def respond(model: ChatModel, spec: GptSpec, history: list[Message], message: str, reply: Reply) -> Iterator[str]:
+def respond(
+    model: ChatModel, spec: GptSpec, history: list[Message], message: str, reply: Reply, context: str = ""
+) -> Iterator[str]:
     """Stream the answer to ``message``; fills ``reply.text`` and ``reply.usage``."""
     message = check_message(message)
-    messages = fit_to_window(model, build_messages(spec, history, message), spec.generation.max_new_tokens)
+    messages = fit_to_window(model, build_messages(spec, history, message, context), spec.generation.max_new_tokens)
     usage = reply.usage
     try:
         for piece in model.stream(messages, spec.generation, cancel=reply.cancel, usage=usage):
@@ -108,3 +115,12 @@ def respond(model: ChatModel, spec: GptSpec, history: list[Message], message: st
             usage.total_s = time.perf_counter() - reply.started
         if reply.cancel.is_set():
             usage.finish_reason = "cancelled"
+
+
+def fixed_answer(text: str, reply: Reply) -> Iterator[str]:
+    """An answer that needs no model (e.g. "I don't know" when knowledge-only finds nothing)."""
+    reply.text = text
+    reply.usage.finish_reason = "stop"
+    reply.usage.first_token_s = time.perf_counter() - reply.started
+    reply.usage.total_s = reply.usage.first_token_s
+    yield text

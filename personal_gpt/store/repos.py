@@ -15,7 +15,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from personal_gpt.store.schema import conversations, gpt_versions, gpts, messages, providers, users
+from personal_gpt.store.schema import (
+    chunks,
+    conversations,
+    gpt_versions,
+    gpts,
+    jobs,
+    knowledge_files,
+    messages,
+    providers,
+    users,
+)
 
 
 def now() -> datetime:
@@ -174,6 +184,9 @@ def delete_gpt(conn: Connection, owner_id: int, gpt_id: str) -> bool:
     conv_ids = sa.select(conversations.c.id).where(conversations.c.gpt_id == gpt_id)
     conn.execute(sa.delete(messages).where(messages.c.conversation_id.in_(conv_ids)))
     conn.execute(sa.delete(conversations).where(conversations.c.gpt_id == gpt_id))
+    conn.execute(sa.delete(chunks).where(chunks.c.gpt_id == gpt_id))
+    conn.execute(sa.delete(knowledge_files).where(knowledge_files.c.gpt_id == gpt_id))
+    conn.execute(sa.delete(jobs).where(jobs.c.gpt_id == gpt_id))
     conn.execute(sa.delete(gpt_versions).where(gpt_versions.c.gpt_id == gpt_id))
     conn.execute(sa.delete(gpts).where(gpts.c.id == gpt_id))
     return True

@@ -37,6 +37,7 @@ def warm_up() -> None:
         svc = services()
         svc.store
         svc.templates()
+        svc.jobs.start()  # resume knowledge files a restart interrupted
     except PersonalGptError:
         pass  # the first page shows the sentence
 
@@ -92,13 +93,27 @@ def when(dt) -> str:
         return str(dt)
 
 
+def show_sources(citations: list[dict]) -> None:
+    """Where an answer came from: file and page, and the passage itself (as plain text)."""
+    if not citations:
+        return
+    with st.expander(f"Sources ({len(citations)})"):
+        for c in citations:
+            where = c.get("file", "") + (f", page {c['page']}" if c.get("page") else "")
+            st.caption(f"[{c.get('n')}] {where}")
+            st.text(c.get("text", ""))
+
+
 def show_messages(messages, avatar: str) -> None:
     """Past turns. Text goes through st.markdown, which never renders raw HTML."""
     for m in messages:
         with st.chat_message(m.role, avatar=avatar_for(avatar) if m.role == "assistant" else None):
             st.markdown(m.content)
-            if m.role == "assistant" and (m.meta or {}).get("finish_reason") == "cancelled":
-                st.caption("Stopped.")
+            if m.role == "assistant":
+                meta = m.meta or {}
+                if meta.get("finish_reason") == "cancelled":
+                    st.caption("Stopped.")
+                show_sources(meta.get("citations") or [])
 
 
 def stream_turn(send, message: str, avatar: str) -> bool:
@@ -121,4 +136,5 @@ def stream_turn(send, message: str, avatar: str) -> bool:
         except PersonalGptError as exc:
             st.error(str(exc), icon="⚠️")
             return False
+        show_sources(reply.citations)
     return True

@@ -224,3 +224,39 @@ def test_settings_add_test_remove_provider(svc, openai_server):
     at.button(key=f"del-{prov.id}").click().run()
     at.button(key=f"yes-{prov.id}").click().run()
     assert svc.list_providers(ME) == []
+
+
+def test_builder_knowledge_tab_lists_removes_and_searches(svc):
+    g = svc.create_gpt(ME, name="Shop")
+    svc.add_knowledge(ME, g.id, [("hours.txt", b"We are closed on Sundays."), ("broken.pdf", b"%PDF-1.4 nonsense"),
+                                 ("empty.txt", b"")], run_jobs=False)
+    svc.jobs.run_until_idle()
+    at = app("pages/builder.py", gpt=g.id)
+    assert not at.exception
+    md = " ".join(texts(at.markdown))
+    assert "hours.txt" in md and "broken.pdf" in md
+    captions = " ".join(texts(at.caption))
+    assert "1 passages" in captions or "passages" in captions
+    broken = next(f for f in svc.list_knowledge(ME, g.id) if f.display_name == "broken.pdf")
+    assert broken.status == "failed" and broken.error in captions
+    at.text_input(key=f"ksearch-{g.id}").input("When are you closed?").run()
+    assert not at.exception
+    assert any("hours.txt" in t for t in texts(at.caption))
+    at.button(key=f"krm-{broken.id}").click().run()
+    assert len(svc.list_knowledge(ME, g.id)) == 2, "removing asks first"
+    at.button(key="kconfirm-yes").click().run()
+    assert not at.exception
+    assert [f.display_name for f in svc.list_knowledge(ME, g.id)] == ["hours.txt"]
+
+
+def test_chat_shows_sources(svc):
+    g = svc.create_gpt(ME, name="Shop")
+    svc.add_knowledge(ME, g.id, [("hours.txt", b"We are closed on Sundays and open 9 to 5 otherwise.")], run_jobs=False)
+    svc.jobs.run_until_idle()
+    svc.publish(ME, g.id)
+    at = app("pages/chat.py", gpt=g.id)
+    at.chat_input[0].set_value("Are you open on Sundays?").run()
+    at.run()
+    assert not at.exception
+    assert any(e.label.startswith("Sources (") for e in at.expander)
+    assert any("[1] hours.txt" in t for t in texts(at.caption))

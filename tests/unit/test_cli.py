@@ -108,3 +108,24 @@ def test_ask_json_with_the_real_bundled_model(home):
     plain = subprocess.run([*cli, "ask", gpt_id, "What is the capital of France?"], env=env, capture_output=True,
                            text=True, timeout=300)
     assert "Paris" in plain.stdout
+
+
+def test_knowledge_add_list_search_remove(run, tmp_path):
+    gpt_id = run("create", "--name", "Shop").output.strip()
+    (tmp_path / "hours.txt").write_text("Our shop opens Monday to Saturday from 9am to 5pm. Closed on Sundays.")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    result = run("knowledge", "add", gpt_id, str(tmp_path / "hours.txt"), str(tmp_path / "empty.txt"), "--json",
+                 ok=False)
+    assert result.exit_code == 1, "a rejected file makes the exit code non-zero"
+    outcome = {item["name"]: item for item in json.loads(result.output)}
+    assert outcome["hours.txt"]["status"] == "ready" and outcome["hours.txt"]["chunks"] >= 1
+    assert outcome["empty.txt"] == {"name": "empty.txt", "status": "rejected", "error": "The file is empty."}
+    listed = json.loads(run("knowledge", "list", gpt_id, "--json").output)
+    assert [f["name"] for f in listed] == ["hours.txt"]
+    hits = json.loads(run("search", gpt_id, "When are you closed?", "-k", "3", "--json").output)
+    assert hits[0]["file"] == "hours.txt" and hits[0]["rank"] == 1 and "Sundays" in hits[0]["text"]
+    assert "hours.txt" in run("search", gpt_id, "Sundays").output
+    run("knowledge", "remove", gpt_id, listed[0]["id"])
+    assert json.loads(run("knowledge", "list", gpt_id, "--json").output) == []
+    result = run("knowledge", "remove", gpt_id, listed[0]["id"], ok=False)
+    assert result.exit_code == 2 and "There is no knowledge file with that id" in result.stderr

@@ -240,6 +240,11 @@ ID_METHODS = {
     "regenerate": lambda s, ids: s.regenerate(BOB, ids["conv"]),
     "delete_provider": lambda s, ids: s.delete_provider(BOB, ids["provider"]),
     "test_provider": lambda s, ids: s.test_provider(BOB, ids["provider"]),
+    "add_knowledge": lambda s, ids: s.add_knowledge(BOB, ids["gpt"], [("x.txt", b"stolen")]),
+    "list_knowledge": lambda s, ids: s.list_knowledge(BOB, ids["gpt"]),
+    "remove_knowledge": lambda s, ids: s.remove_knowledge(BOB, ids["gpt"], "kf_0000000000000000"),
+    "knowledge_jobs": lambda s, ids: s.knowledge_jobs(BOB, ids["gpt"]),
+    "search_knowledge": lambda s, ids: s.search_knowledge(BOB, ids["gpt"], "plans"),
 }
 
 
