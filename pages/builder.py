@@ -15,30 +15,14 @@ MAX_AVATAR_BYTES = 300_000
 IMAGE_TYPES = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "gif": "gif", "webp": "webp"}
 
 
-def pick_gpt() -> None:
-    gpts = svc.list_gpts(me)
-    st.title("Builder")
-    if not gpts:
-        st.info("You have no GPTs yet: start one from a template on **My GPTs**.", icon="👋")
-        st.page_link("pages/my_gpts.py", label="Go to My GPTs", icon="🏠")
-        st.stop()
-    choice = st.selectbox("Which GPT do you want to edit?", gpts, format_func=lambda g: f"{g.avatar} {g.name}", index=None)
-    if choice is not None:
-        st.query_params["gpt"] = choice.id
-        st.rerun()
-    st.stop()
-
-
 if not gpt_id:
-    pick_gpt()
+    glue.pick_gpt("Builder", svc.list_gpts(me), "Which GPT do you want to edit?",
+                  "You have no GPTs yet: start one from a template on **My GPTs**.", "👋")
 
 try:
     gpt = svc.get_gpt(me, gpt_id)
 except glue.PersonalGptError as exc:
-    st.title("Builder")
-    st.error(str(exc), icon="⚠️")
-    st.page_link("pages/my_gpts.py", label="Back to My GPTs", icon="🏠")
-    st.stop()
+    glue.not_found("Builder", exc)
 
 spec = gpt.spec
 k = f"{gpt.id}-{gpt.revision}"  # widget keys: a saved/restored revision re-reads the stored values

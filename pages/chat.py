@@ -10,25 +10,13 @@ me = glue.principal()
 gpt_id = glue.selected_gpt_id()
 
 if not gpt_id:
-    st.title("Chat")
-    published = [g for g in svc.list_gpts(me) if g.is_published]
-    if not published:
-        st.info("Publish a GPT in the builder and it shows up here.", icon="💬")
-        st.page_link("pages/my_gpts.py", label="Go to My GPTs", icon="🏠")
-        st.stop()
-    choice = st.selectbox("Chat with", published, format_func=lambda g: f"{g.avatar} {g.name}", index=None)
-    if choice is not None:
-        st.query_params["gpt"] = choice.id
-        st.rerun()
-    st.stop()
+    glue.pick_gpt("Chat", [g for g in svc.list_gpts(me) if g.is_published], "Chat with",
+                  "Publish a GPT in the builder and it shows up here.", "💬")
 
 try:
     spec, version = svc.published_spec(me, gpt_id)
 except glue.PersonalGptError as exc:
-    st.title("Chat")
-    st.error(str(exc), icon="⚠️")
-    st.page_link("pages/my_gpts.py", label="Back to My GPTs", icon="🏠")
-    st.stop()
+    glue.not_found("Chat", exc)
 
 conv_key = f"chat-{gpt_id}"
 

@@ -138,3 +138,25 @@ def stream_turn(send, message: str, avatar: str) -> bool:
             return False
         show_sources(reply.citations)
     return True
+
+
+def pick_gpt(title: str, gpts, label: str, empty: str, empty_icon: str) -> None:
+    """The page opened without ?gpt=…: an empty state, or a picker that sets it. Stops the page."""
+    st.title(title)
+    if not gpts:
+        st.info(empty, icon=empty_icon)
+        st.page_link("pages/my_gpts.py", label="Go to My GPTs", icon="🏠")
+        st.stop()
+    choice = st.selectbox(label, gpts, format_func=lambda g: f"{g.avatar} {g.name}", index=None)
+    if choice is not None:
+        st.query_params["gpt"] = choice.id
+        st.rerun()
+    st.stop()
+
+
+def not_found(title: str, exc: PersonalGptError) -> None:
+    """The page's GPT cannot be shown: one sentence and a way back. Stops the page."""
+    st.title(title)
+    st.error(str(exc), icon="⚠️")
+    st.page_link("pages/my_gpts.py", label="Back to My GPTs", icon="🏠")
+    st.stop()

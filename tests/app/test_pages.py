@@ -260,3 +260,14 @@ def test_chat_shows_sources(svc):
     assert not at.exception
     assert any(e.label.startswith("Sources (") for e in at.expander)
     assert any("[1] hours.txt" in t for t in texts(at.caption))
+
+
+def test_builder_without_selection_offers_a_picker(svc):
+    at = app("pages/builder.py")
+    assert not at.exception
+    assert any("You have no GPTs yet" in t for t in texts(at.info))
+    g = svc.create_gpt(ME, name="Helper")
+    at = app("pages/builder.py")
+    at.selectbox[0].set_value(svc.list_gpts(ME)[0]).run()
+    assert not at.exception
+    assert at.query_params.get("gpt") in (g.id, [g.id])
