@@ -74,6 +74,7 @@ def scratch_repo(tmp_path):
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy2(REPO_ROOT / "scripts" / "test.sh", repo / "scripts" / "test.sh")
+    shutil.copy2(REPO_ROOT / "scripts" / "lib.sh", repo / "scripts" / "lib.sh")
     (repo / "pytest.ini").write_text("[pytest]\n")
     (repo / "test_sample.py").write_text(textwrap.dedent("""
         import os
