@@ -77,48 +77,88 @@ class JobRunner:
         return True
 
     def _run_ingest(self, job: kstore.JobRow) -> None:
-        from personal_gpt.knowledge.ingest import ingest_file
+        """One parse worker for the whole job (``ParseSession``), and one file read
+        ahead: while this thread chunks and embeds file i, a helper thread waits
+        on the worker parsing the next file, so the two run on two cores. Each
+        file still goes queued -> parsing -> embedding -> ready/failed, and its
+        chunks are saved only here, in one transaction with its status."""
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        from personal_gpt.knowledge.ingest import index_document, parse_upload
+        from personal_gpt.knowledge.parse import ParseSession
 
         file_ids: list[str] = list(job.payload.get("file_ids", []))
         total = max(1, len(file_ids))
         ready = failed = 0
-        for i, fid in enumerate(file_ids):
+        ahead: dict[str, Future] = {}  # file id -> its parse, started while the file before it was embedding
+
+        def pending(fid: str) -> kstore.KnowledgeFileRow | None:
             with self.svc.store.read() as conn:
-                row = kstore.get_file(conn, job.gpt_id, fid)
-            if row is None or row.status in ("ready", "failed"):
-                if row is not None:
-                    ready += row.status == "ready"
-                    failed += row.status == "failed"
-                continue  # removed meanwhile, or finished before a restart
+                return kstore.get_file(conn, job.gpt_id, fid)
 
-            def stage(name: str, _fid=fid, _i=i, _row=row) -> None:
-                with self.svc.store.tx() as conn:
-                    kstore.set_file_status(conn, _fid, name)
-                    kstore.update_job(conn, job.id, progress=(_i + (0.2 if name == "parsing" else 0.6)) / total,
-                                      message=f"{'Reading' if name == 'parsing' else 'Indexing'} {_row.display_name} "
-                                              f"({_i + 1} of {len(file_ids)})")
+        def start_parse(row: kstore.KnowledgeFileRow) -> Future:
+            return pool.submit(parse_upload, self.svc.blobs.path(job.gpt_id, row.content_hash), row.display_name,
+                               session=session)
 
+        def read_ahead(after: int) -> None:
+            """Start parsing the next file that still needs it (its status says so)."""
             try:
-                result = ingest_file(self.svc.blobs.path(job.gpt_id, row.content_hash), row.display_name,
-                                     self.svc.embedder, stage)
-            except PersonalGptError as exc:
-                failed += 1
+                for nfid in file_ids[after + 1:]:
+                    nrow = pending(nfid)
+                    if nrow is None or nrow.status in ("ready", "failed"):
+                        continue
+                    with self.svc.store.tx() as conn:
+                        kstore.set_file_status(conn, nfid, "parsing")
+                    ahead[nfid] = start_parse(nrow)
+                    return
+            except Exception:  # noqa: BLE001 - reading ahead is an optimisation: the loop parses it anyway
+                log.exception("could not start reading ahead in job %s", job.id)
+
+        # Leaving the with-block closes the session first (ending a parse still in
+        # flight), then the pool waits for its thread, which by then has returned.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="personal-gpt-parse") as pool, \
+                ParseSession() as session:
+            for i, fid in enumerate(file_ids):
+                row = pending(fid)
+                if row is None or row.status in ("ready", "failed"):
+                    ahead.pop(fid, None)  # a parse read ahead for a file removed meanwhile is dropped
+                    if row is not None:
+                        ready += row.status == "ready"
+                        failed += row.status == "failed"
+                    continue  # removed meanwhile, or finished before a restart
+
+                def stage(name: str, _fid=fid, _i=i, _row=row) -> None:
+                    with self.svc.store.tx() as conn:
+                        kstore.set_file_status(conn, _fid, name)
+                        kstore.update_job(conn, job.id, progress=(_i + (0.2 if name == "parsing" else 0.6)) / total,
+                                          message=f"{'Reading' if name == 'parsing' else 'Indexing'} "
+                                                  f"{_row.display_name} ({_i + 1} of {len(file_ids)})")
+
+                try:
+                    stage("parsing")
+                    parsing = ahead.pop(fid, None) or start_parse(row)
+                    doc = parsing.result()
+                    read_ahead(i)
+                    result = index_document(doc, self.svc.embedder, stage)
+                except PersonalGptError as exc:
+                    failed += 1
+                    with self.svc.store.tx() as conn:
+                        kstore.set_file_status(conn, fid, "failed", error=str(exc))
+                except Exception:  # noqa: BLE001 - one bad file never stops the others
+                    log.exception("ingest of %s failed", fid)
+                    failed += 1
+                    with self.svc.store.tx() as conn:
+                        kstore.set_file_status(conn, fid, "failed",
+                                               error="The file could not be read: it may be damaged.")
+                else:
+                    with self.svc.store.tx() as conn:
+                        if kstore.get_file(conn, job.gpt_id, fid) is not None:  # not removed while we worked
+                            kstore.replace_chunks(conn, job.gpt_id, fid, result.rows)
+                            kstore.set_file_status(conn, fid, "ready", error="", filetype=result.filetype,
+                                                   pages=result.pages, chunk_count=len(result.rows))
+                            ready += 1
                 with self.svc.store.tx() as conn:
-                    kstore.set_file_status(conn, fid, "failed", error=str(exc))
-            except Exception:  # noqa: BLE001 - one bad file never stops the others
-                log.exception("ingest of %s failed", fid)
-                failed += 1
-                with self.svc.store.tx() as conn:
-                    kstore.set_file_status(conn, fid, "failed", error="The file could not be read: it may be damaged.")
-            else:
-                with self.svc.store.tx() as conn:
-                    if kstore.get_file(conn, job.gpt_id, fid) is not None:  # not removed while we worked
-                        kstore.replace_chunks(conn, job.gpt_id, fid, result.rows)
-                        kstore.set_file_status(conn, fid, "ready", error="", filetype=result.filetype,
-                                               pages=result.pages, chunk_count=len(result.rows))
-                        ready += 1
-            with self.svc.store.tx() as conn:
-                kstore.update_job(conn, job.id, progress=(i + 1) / total)
+                    kstore.update_job(conn, job.id, progress=(i + 1) / total)
         summary = f"{ready} file{'s' if ready != 1 else ''} ready" + (f", {failed} failed" if failed else "")
         with self.svc.store.tx() as conn:
             kstore.update_job(conn, job.id, status="done", progress=1.0, message=summary)

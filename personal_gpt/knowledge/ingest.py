@@ -28,15 +28,23 @@ def embed_text(text: str, section: str | None) -> str:
     return text
 
 
-def ingest_file(path: Path, display_name: str, embedder, stage: Callable[[str], None] = lambda s: None,
-                max_bytes: int | None = None) -> IngestResult:
-    from personal_gpt.knowledge.chunk import chunk_elements
-    from personal_gpt.knowledge.index import serialize_vector
+def parse_upload(path: Path, display_name: str, *, max_bytes: int | None = None, session=None):
+    """The parse step alone (a ParsedDocument): in ``session`` (a
+    ``parse.ParseSession``, whose worker stays up between files) when given,
+    else in a one-file worker. Safe to run in another thread than the embedding."""
     from personal_gpt.knowledge.parse import parse_file
 
-    stage("parsing")
     kwargs = {"max_bytes": max_bytes} if max_bytes else {}
-    doc = parse_file(path, display_name, **kwargs)
+    if session is not None:
+        return session.parse(path, display_name, **kwargs)
+    return parse_file(path, display_name, **kwargs)
+
+
+def index_document(doc, embedder, stage: Callable[[str], None] = lambda s: None) -> IngestResult:
+    """Chunk and embed a parsed document (the steps after parsing)."""
+    from personal_gpt.knowledge.chunk import chunk_elements
+    from personal_gpt.knowledge.index import serialize_vector
+
     chunks = chunk_elements(doc.elements, max_tokens=CHUNK_TOKENS, overlap_tokens=CHUNK_OVERLAP,
                             count_tokens=embedder.count_tokens)
     if not chunks:
@@ -49,3 +57,13 @@ def ingest_file(path: Path, display_name: str, embedder, stage: Callable[[str], 
         for c, v in zip(chunks, vectors)
     ]
     return IngestResult(doc.filetype, doc.pages, rows)
+
+
+def ingest_file(path: Path, display_name: str, embedder, stage: Callable[[str], None] = lambda s: None,
+                max_bytes: int | None = None, session=None) -> IngestResult:
+    """parse -> chunk -> embed. Pass a ``parse.ParseSession`` as ``session`` to
+    reuse its worker across files (one per job); without one each call starts
+    and ends its own worker."""
+    stage("parsing")
+    doc = parse_upload(path, display_name, max_bytes=max_bytes, session=session)
+    return index_document(doc, embedder, stage)

@@ -3,14 +3,17 @@ text and pages; every hostile or broken file is refused with its exact sentence
 (SECURITY cases 1-2, 4-11). Files are generated here, in the test, not shipped.
 
 The parse runs in a real subprocess each time (about 1.5 s of start-up each);
-bombs and spoofed types are refused before any subprocess starts.
+bombs and spoofed types are refused before any subprocess starts. ParseSession
+(one long-lived worker for many files) is tested after the one-file cases.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -732,6 +735,337 @@ def test_parse_module_stays_light():
             "print(sorted(m for m in ('unstructured', 'spacy', 'torch', 'pypdf', 'docx') if m in sys.modules))")
     proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+# --- one worker per ingest job: ParseSession ---------------------------------------------------
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+NOTE = "The ferry leaves the island at seven and returns before dark.\n"
+
+
+def test_session_reads_every_format_with_one_worker(tmp_path):
+    """One worker for a run of files of every format: unstructured and the spaCy
+    model load once, so the second PDF takes a fraction of the first."""
+    first = make_pdf(THREE_PAGES, tmp_path / "first")
+    second = make_pdf([["Plums are dried in the sun for a week."]] + THREE_PAGES[1:], tmp_path / "second")
+    pids, times = [], []
+    # every format's libraries together (spaCy, pandas, lxml...) stay under 70 % of the default
+    # 1536 MB, so the worker is not replaced on the way (that is tested below)
+    with parse.ParseSession(timeout_s=60) as session:
+        for path, name in ((first, "a.pdf"), (second, "b.pdf")):
+            t = time.monotonic()
+            doc = session.parse(path, name)
+            times.append(time.monotonic() - t)
+            pids.append(session.worker_pid)
+            assert doc.filetype == "pdf" and doc.pages == 3
+        assert "Plums are dried" in " ".join(e.text for e in doc.elements)
+        for filename, (maker, filetype, phrase, pages) in FORMATS.items():
+            doc = session.parse(maker(tmp_path / f"blob-{filetype}"), filename)
+            assert doc.filetype == filetype
+            assert phrase in "\n".join(e.text for e in doc.elements)
+            for needle, page in (pages or {}).items():
+                assert [e.page for e in doc.elements if needle in e.text] == [page], (needle, doc.elements)
+            pids.append(session.worker_pid)
+        assert session.workers_started == 1 and set(pids) == {pids[0]}
+        assert alive(pids[0])
+    assert times[1] < times[0] / 3, times
+    assert not alive(pids[0]), "leaving the session ends its worker"
+
+
+def test_hanging_file_mid_session_fails_and_the_next_file_gets_a_fresh_worker(tmp_path, monkeypatch):
+    note = write(tmp_path / "note", NOTE)
+    with parse.ParseSession(timeout_s=60) as session:
+        assert "ferry leaves" in session.parse(note, "a.txt").elements[0].text
+        first = session.worker_pid
+        monkeypatch.setenv("PERSONAL_GPT_PARSE_TEST_SLEEP", "60")  # forwarded with the next request
+        t = time.monotonic()
+        with pytest.raises(InvalidUpload) as err:
+            session.parse(note, "slow.txt", timeout_s=2)
+        assert str(err.value) == "Reading the file took too long (over 2 s)."
+        assert time.monotonic() - t < 6
+        assert session.worker_pid is None and not alive(first)
+        monkeypatch.delenv("PERSONAL_GPT_PARSE_TEST_SLEEP")
+        assert "ferry leaves" in session.parse(note, "b.txt").elements[0].text
+        assert session.worker_pid not in (None, first) and session.workers_started == 2
+
+
+class Killer:
+    """Sends ``sig`` to each new worker of ``session``, 0.3 s after it appears, at
+    most ``times`` times: a parser that crashes, or the kernel's OOM killer."""
+
+    def __init__(self, session: parse.ParseSession, sig: int, times: int):
+        self.session, self.sig, self.times = session, sig, times
+        self.killed: list[int] = []
+        self.stop = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop and len(self.killed) < self.times:
+            pid = self.session.worker_pid
+            if pid is not None and pid not in self.killed:
+                time.sleep(0.3)
+                try:
+                    os.kill(pid, self.sig)
+                except ProcessLookupError:
+                    pass
+                self.killed.append(pid)
+            time.sleep(0.02)
+
+    def close(self):
+        self.stop = True
+        self.thread.join(5)
+
+
+def test_crash_and_memory_kill_mid_session(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="personal_gpt.knowledge.parse")
+    note = write(tmp_path / "note", NOTE)
+    sleep = "PERSONAL_GPT_PARSE_TEST_SLEEP"
+    with parse.ParseSession(timeout_s=30) as session:
+        session.parse(note, "a.txt")
+        first = session.worker_pid
+        # a parser that crashes (SIGSEGV) while it reads a file: the generic sentence, detail in the log
+        monkeypatch.setenv(sleep, "60")
+        killer = Killer(session, signal.SIGSEGV, times=1)
+        t = time.monotonic()
+        with pytest.raises(InvalidUpload) as err:
+            session.parse(note, "crash.txt")
+        killer.close()
+        assert str(err.value) == "The file could not be read: it may be damaged."
+        assert killer.killed == [first] and time.monotonic() - t < 10
+        assert f"exit {-signal.SIGSEGV}" in caplog.text
+        monkeypatch.delenv(sleep)
+        assert "ferry leaves" in session.parse(note, "b.txt").elements[0].text
+        second = session.worker_pid
+        assert second != first
+        # killed for memory (SIGKILL) in a worker that had read a file before: one more try in a
+        # fresh worker, so the verdict is a fresh process's; killed there too, the memory sentence
+        monkeypatch.setenv(sleep, "60")
+        killer = Killer(session, signal.SIGKILL, times=2)
+        with pytest.raises(InvalidUpload) as err:
+            session.parse(note, "hungry.txt")
+        killer.close()
+        assert str(err.value) == "Reading the file needed more than 1536 MB of memory."
+        assert len(killer.killed) == 2 and killer.killed[0] == second
+        assert "trying once more in a fresh one" in caplog.text
+        monkeypatch.delenv(sleep)
+        assert "ferry leaves" in session.parse(note, "c.txt").elements[0].text
+        assert session.worker_pid not in killer.killed + [first] and session.workers_started == 4
+
+
+def test_memory_limit_mid_session(tmp_path):
+    note = write(tmp_path / "note", NOTE)
+    with parse.ParseSession() as session:
+        session.parse(note, "a.txt")
+        first = session.worker_pid
+        with pytest.raises(InvalidUpload) as err:
+            session.parse(note, "b.txt", memory_mb=100)  # a worker with this limit cannot even load the parser
+        assert str(err.value) == "Reading the file needed more than 100 MB of memory."
+        assert "ferry leaves" in session.parse(note, "c.txt").elements[0].text
+        assert session.worker_pid != first and session.workers_started == 3
+
+
+SERVE_PROBE_SCRIPT = """
+import socket, subprocess, sys
+from personal_gpt.knowledge import _parse_worker as worker
+
+port = int(sys.argv[1])
+real_partition = worker._partition
+
+def probing(path, filetype, max_pages):  # a parser that tries the network and a program, for every file
+    for attempt in (lambda: socket.socket().connect(("127.0.0.1", port)),
+                    lambda: socket.getaddrinfo("example.com", 443),
+                    lambda: subprocess.run(["true"])):
+        try:
+            attempt()
+            print("ALLOWED", file=sys.stderr)
+        except PermissionError:
+            pass
+    return real_partition(path, filetype, max_pages)
+
+worker._partition = probing
+sys.exit(worker.main(["--serve", "--memory-mb", "1536", "--cpu-s", "60"]))
+"""
+
+
+def test_serve_mode_blocks_network_and_programs_for_every_file(tmp_path):
+    """The audit-hook guard is installed before the first request and holds for
+    every file the long-lived worker reads; each answer reports its own attempts."""
+    listener = Listener()
+    note = write(tmp_path / "note", NOTE)
+    proc = subprocess.Popen([PY, "-c", SERVE_PROBE_SCRIPT, str(listener.port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=parse._worker_env(str(tmp_path)),
+                            cwd=tmp_path)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        answers = []
+        for rid in (1, 2):
+            request = {"id": rid, "path": str(note), "kind": "txt", "cpu_s": 60}
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            proc.stdin.flush()
+            answers.append(json.loads(proc.stdout.readline()))
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read().decode()
+    finally:
+        watchdog.cancel()
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+    for rid, answer in zip((1, 2), answers):
+        assert answer["id"] == rid and "ferry leaves" in answer["elements"][0]["text"]
+        assert answer["blocked"] == ["socket.connect", "socket.getaddrinfo", "subprocess.Popen"]
+    assert "ALLOWED" not in err
+    assert listener.hits == 0
+
+
+def proc_limits(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]
+    return {line[:26].strip(): line[26:].split()[0] for line in lines}
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads the worker's limits in /proc")
+def test_session_worker_keeps_the_sandbox(tmp_path, monkeypatch):
+    """The long-lived worker has the one-file worker's limits and minimal
+    environment; its CPU limit moves before each file to what it used + timeout + 5."""
+    monkeypatch.setenv("PGPT_TEST_SECRET", "hunter2")
+    note = write(tmp_path / "note", NOTE)
+    with parse.ParseSession(timeout_s=20, memory_mb=1200) as session:
+        session.parse(note, "a.txt")
+        pid = session.worker_pid
+        session.parse(note, "b.txt")
+        assert session.worker_pid == pid
+        limits = proc_limits(pid)
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu_used = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+        environ = dict(item.split("=", 1) for item in
+                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--serve" in cmdline
+    assert int(limits["Max address space"]) == 1200 * 2**20
+    assert int(limits["Max file size"]) == 512 * 2**20 and int(limits["Max core file size"]) == 0
+    assert 25 < int(limits["Max cpu time"]) <= 25 + math.ceil(cpu_used)
+    allowed = set(parse._PASSED_ENV) | set(parse._WORKER_ENV) | {"HOME", "TMPDIR", "XDG_CACHE_HOME", "PYTHONPATH"}
+    assert set(environ) <= allowed - {"PERSONAL_GPT_PARSE_TEST_SLEEP"}
+    assert "hunter2" not in "".join(environ.values())
+    assert environ["HOME"] == environ["TMPDIR"] != os.environ.get("HOME")
+
+
+def test_session_replaces_a_worker_that_grew_or_read_its_share(tmp_path):
+    note = write(tmp_path / "note", NOTE)
+    with parse.ParseSession(max_files_per_worker=2) as session:
+        pids = []
+        for name in ("a.txt", "b.txt", "c.txt"):
+            session.parse(note, name)
+            pids.append(session.worker_pid)
+    assert pids[0] == pids[1] != pids[2]
+    # Past 70 % of its address-space limit a worker asks to be replaced before the next file
+    # (with 700 MB: the PDF path's libraries take more than 490 MB).
+    pdf = make_pdf(THREE_PAGES, tmp_path / "pdf")
+    with parse.ParseSession(memory_mb=700) as session:
+        seen = []
+        for path, filetype in ((note, "txt"), (pdf, "pdf"), (note, "txt")):
+            payload = session.run(path, filetype)
+            seen.append((session.worker_pid, payload["recycle"], payload["address_space_mb"]))
+    if seen[0][2] is None:
+        pytest.skip("no /proc: the worker cannot see its address space")
+    for (pid, recycle, used), (next_pid, _, _) in zip(seen, seen[1:]):
+        assert recycle == (used > 0.7 * 700) and (next_pid != pid) == recycle, seen
+    assert any(recycle for _, recycle, _ in seen), seen
+
+
+def test_closing_a_session_ends_a_parse_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAL_GPT_PARSE_TEST_SLEEP", "60")
+    note = write(tmp_path / "note", NOTE)
+    session = parse.ParseSession(timeout_s=120)
+    outcome: list[BaseException] = []
+
+    def read():
+        try:
+            session.parse(note, "slow.txt")
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while session.worker_pid is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = session.worker_pid
+    time.sleep(0.3)
+    t = time.monotonic()
+    session.close()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - t < 5
+    assert isinstance(outcome[0], RuntimeError) and not alive(pid)
+    with pytest.raises(RuntimeError):
+        session.parse(note, "again.txt")
+
+
+def test_ingest_job_reads_all_files_with_one_worker(monkeypatch):
+    """JobRunner: one session per job, the next file parsed while this one embeds;
+    each file still goes parsing -> embedding -> ready (or parsing -> failed)."""
+    from personal_gpt.auth import Principal
+    from personal_gpt.services import Services
+    from personal_gpt.store import knowledge as kstore
+    from tests.support.documents import pdf_with_pages
+    from tests.support.fake_model import FakeRegistry
+
+    sessions: list[parse.ParseSession] = []
+
+    class Recorded(parse.ParseSession):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            sessions.append(self)
+
+    statuses: list[tuple[str, str]] = []
+    progress: list[float] = []
+    set_status, update_job = kstore.set_file_status, kstore.update_job
+
+    def record_status(conn, fid, status, **values):
+        statuses.append((fid, status))
+        set_status(conn, fid, status, **values)
+
+    def record_progress(conn, job_id, **values):
+        if "progress" in values:
+            progress.append(values["progress"])
+        update_job(conn, job_id, **values)
+
+    monkeypatch.setattr(parse, "ParseSession", Recorded)
+    monkeypatch.setattr(kstore, "set_file_status", record_status)
+    monkeypatch.setattr(kstore, "update_job", record_progress)
+    owner = Principal(issuer="https://idp.example", subject="a")
+    svc = Services(models=FakeRegistry())
+    try:
+        gpt = svc.create_gpt(owner, name="Farm")
+        uploads = [("orchard.pdf", pdf_with_pages(["Apples ripen in autumn.", "Pears follow in October."])),
+                   ("broken.pdf", b"%PDF-1.4 garbage"),
+                   ("notes.md", b"# Hives\n\nThe bees are moved to the heather in August.\n"),
+                   ("hours.txt", NOTE.encode())]
+        added = svc.add_knowledge(owner, gpt.id, uploads, run_jobs=False)
+        svc.jobs.run_until_idle()
+        files = {f.display_name: f for f in svc.list_knowledge(owner, gpt.id)}
+    finally:
+        svc.close()
+    assert len(sessions) == 1 and sessions[0].workers_started == 1
+    assert {name: f.status for name, f in files.items()} == {
+        "orchard.pdf": "ready", "broken.pdf": "failed", "notes.md": "ready", "hours.txt": "ready"}
+    assert files["broken.pdf"].error == parse.PDF_CORRUPT
+    assert files["orchard.pdf"].pages == 2 and files["notes.md"].chunk_count >= 1
+    for added_file in added.files:
+        seen = [s for fid, s in statuses if fid == added_file.file_id]
+        seen = [s for i, s in enumerate(seen) if i == 0 or seen[i - 1] != s]  # read ahead: "parsing" twice
+        want = ["parsing", "failed"] if added_file.name == "broken.pdf" else ["parsing", "embedding", "ready"]
+        assert seen == want, (added_file.name, seen)
+    assert progress == sorted(progress) and progress[-1] == 1.0
 
 
 # --- display names (cases 1, 2) ------------------------------------------------------------------
