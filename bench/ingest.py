@@ -234,27 +234,20 @@ def run_round(paths: list[Path], base_encode) -> dict:
     from unstructured.partition.auto import partition
 
     timed = TimedEmbedder(default_embedder())
-    real_parse_file = parse_mod.parse_file
     parse_times: list[float] = []
-
-    def timed_parse_file(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return real_parse_file(*args, **kwargs)
-        finally:
-            parse_times.append(time.perf_counter() - t0)
-
     ours_total = to_embed = base_partition = base_encode_s = 0.0
     results, elements = {}, 0
-    parse_mod.parse_file = timed_parse_file
-    try:
+    # ours = what JobRunner does: one sandboxed parse worker for the whole job (its start is counted)
+    with parse_mod.ParseSession() as session:
         for path in paths:
             stamps: list[tuple[str, float]] = []
+            counted = timed.count_s
             t0 = time.perf_counter()
-            result = ingest_mod.ingest_file(path, path.name, timed,
+            result = ingest_mod.ingest_file(path, path.name, timed, session=session,
                                             stage=lambda s: stamps.append((s, time.perf_counter())))
             ours_total += time.perf_counter() - t0
-            to_embed += stamps[1][1] - stamps[0][1]  # "parsing" -> "embedding"
+            to_embed += stamps[1][1] - stamps[0][1]  # "parsing" -> "embedding": parse + chunk
+            parse_times.append(stamps[1][1] - stamps[0][1] - (timed.count_s - counted))  # chunking ~ count_tokens
             results[path] = result
 
             t0 = time.perf_counter()
@@ -265,8 +258,6 @@ def run_round(paths: list[Path], base_encode) -> dict:
             t0 = time.perf_counter()
             base_encode(texts)
             base_encode_s += time.perf_counter() - t0
-    finally:
-        parse_mod.parse_file = real_parse_file
     parse_s = sum(parse_times)
     return {"ours": {"total": ours_total, "parse": parse_s, "chunk": to_embed - parse_s,
                      "count_tokens": timed.count_s, "encode": timed.encode_s,
@@ -373,13 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"files {n}   pages {pages} (PDF pages; DOCX/MD have none)   chunks {chunks}   "
           f"baseline elements {base['elements']}" + (f"   (median of {len(rounds)} rounds)" if len(rounds) > 1 else ""))
     print(f"{'':<44} {'seconds':>8} {'pages/s':>9} {'chunks/s':>10}")
-    print(row("ours: ingest_file per file", ours["total"]))
+    print(row("ours: ingest job (one sandboxed parse worker)", ours["total"]))
     print(row("baseline: partition + encode (+ import once)", base["total"]))
     print(f"ratio ours / baseline time: {ratio:.2f}x   (1-min load average {load_before:.1f} before, "
           f"{load_after:.1f} after, on {os.cpu_count()} CPUs: other work on the machine adds noise)")
     print()
     print("ours, breakdown:")
-    print(f"  parse subprocess (parse_file)   {ours['parse']:7.2f} s  "
+    print(f"  parse (sandboxed worker)        {ours['parse']:7.2f} s  "
           f"({ours['parse'] / n:.2f} s/file, {100 * ours['parse'] / ours['total']:.0f}%)")
     print(f"  chunk (chunk_elements)          {ours['chunk']:7.2f} s  "
           f"(of which count_tokens {ours['count_tokens']:.2f} s)")
@@ -394,9 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     vision = [m for m in ("torchvision", "timm", "onnxruntime") if sys.modules.get(m) is not None]
     print(f"  note: {setup['note']}" + (f"; vision modules loaded: {vision}" if vision else ""))
     print()
-    print(f"where our overhead comes from: parse_file costs {sub_overhead:.2f} s/file more than in-process partition "
-          f"(a fresh sandboxed subprocess per file re-imports unstructured + spaCy, ~1.4 s measured by the parse "
-          f"engineer); chunk+embed {ours['chunk'] + ours['encode']:.2f} s vs baseline encode {base['encode']:.2f} s")
+    print(f"where our overhead comes from: parsing costs {sub_overhead:.2f} s/file more than in-process partition "
+          f"(the sandboxed worker's start, counted once per job, and the request round trip); "
+          f"chunk+embed {ours['chunk'] + ours['encode']:.2f} s vs baseline encode {base['encode']:.2f} s")
     print(f"projection, one sandboxed parse worker for the whole job: parse {one['total']:.2f} s "
           f"(vs {ours['parse']:.2f} s) -> total ~{projected:.2f} s, {projected / base['total']:.2f}x the baseline")
     met = ratio <= TARGET

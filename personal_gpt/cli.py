@@ -19,9 +19,15 @@ from personal_gpt.errors import PersonalGptError
 
 
 def _services():
+    import atexit
+
     from personal_gpt.services import Services
 
-    return Services()
+    svc = Services()
+    # stop the model's scheduler thread and the job runner before the interpreter exits:
+    # a torch thread still running at exit aborts the process ("terminate called…")
+    atexit.register(svc.close)
+    return svc
 
 
 def friendly(fn):
