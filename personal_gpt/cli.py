@@ -351,5 +351,15 @@ def serve_cmd(port, host):
     serve(port, host)
 
 
+def _register_groups() -> None:
+    """Command groups that live in their own modules (fine-tuning, sharing)."""
+    from personal_gpt import cli_finetune, cli_share
+
+    cli_finetune.register(main)
+    cli_share.register(main)
+
+
+_register_groups()
+
 if __name__ == "__main__":
     main()

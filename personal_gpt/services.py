@@ -25,7 +25,10 @@ from personal_gpt.auth import Principal
 from personal_gpt.config import Settings
 from personal_gpt.errors import Conflict, InvalidInput, NotFound
 from personal_gpt.gpts import GptSpec
+from personal_gpt.services_accounts import AccountMethods
+from personal_gpt.services_finetune import FinetuneMethods
 from personal_gpt.services_knowledge import I_DONT_KNOW, KnowledgeMethods
+from personal_gpt.services_sharing import SharingMethods
 from personal_gpt.store import open_store, repos
 
 log = logging.getLogger(__name__)
@@ -117,7 +120,7 @@ class Provider:
         return f"openai:{self.id}"
 
 
-class Services(KnowledgeMethods):
+class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods):
     def __init__(self, settings: Settings | None = None, models=None):
         self.settings = settings or Settings.from_env()
         self.settings.ensure_home()

@@ -17,6 +17,8 @@ users = sa.Table(
     sa.Column("email", sa.String(320)),
     sa.Column("name", sa.String(200)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("email_verified", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_login_at", sa.DateTime(timezone=True)),
     sa.UniqueConstraint("issuer", "subject", name="uq_users_identity"),
 )
 
@@ -56,6 +58,10 @@ conversations = sa.Table(
     sa.Column("title", sa.String(200), nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column(
+        "share_link_id", sa.String(40), sa.ForeignKey("share_links.id", ondelete="SET NULL", name="fk_conversations_share_link"),
+        index=True,
+    ),
 )
 
 messages = sa.Table(
@@ -130,4 +136,82 @@ jobs = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# -- fine-tuning (0003) ---------------------------------------------------------
+
+job_metrics = sa.Table(
+    "job_metrics",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(40), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+adapters = sa.Table(
+    "adapters",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("gpt_id", sa.String(40), sa.ForeignKey("gpts.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("job_id", sa.String(40)),
+    sa.Column("base_model", sa.String(500), nullable=False),
+    sa.Column("path", sa.String(500), nullable=False),
+    sa.Column("settings", sa.JSON, nullable=False),
+    sa.Column("data_summary", sa.JSON, nullable=False),
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("samples", sa.JSON, nullable=False),
+    sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("gpt_id", "number", name="uq_adapters_number"),
+)
+
+# -- share links and sign-in (0003) ----------------------------------------------
+
+share_links = sa.Table(
+    "share_links",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("gpt_id", sa.String(40), sa.ForeignKey("gpts.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("label", sa.String(200), nullable=False, server_default=""),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("policy", sa.String(20), nullable=False),
+    sa.Column("allowed_emails", sa.JSON, nullable=False),
+    sa.Column("allowed_domains", sa.JSON, nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True)),
+    sa.Column("message_quota", sa.Integer),
+    sa.Column("messages_used", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("opens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_used_at", sa.DateTime(timezone=True)),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("provider", sa.String(100), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+)
+
+login_states = sa.Table(
+    "login_states",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("state_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("browser_hash", sa.String(64), nullable=False),
+    sa.Column("provider", sa.String(100), nullable=False),
+    sa.Column("nonce", sa.String(200), nullable=False),
+    sa.Column("code_verifier", sa.String(200), nullable=False),
+    sa.Column("return_link_id", sa.String(40)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
