@@ -12,13 +12,18 @@ from personal_gpt.web.routes import routes
 app = App(__file__, routes=routes(), lifespan=lifespan)
 
 if __name__ == "__main__":
+    from urllib.parse import urlsplit
+
     import streamlit as st
 
     st.set_page_config(page_title="Personal GPTs", page_icon="🤖", layout="wide")
+    shared = st.Page("pages/shared.py", title="Chat", icon="💬", url_path="shared", visibility="hidden")
     pages = [
         st.Page("pages/my_gpts.py", title="My GPTs", icon="🏠", default=True, url_path="gpts"),
         st.Page("pages/builder.py", title="Builder", icon="🛠️", url_path="builder"),
         st.Page("pages/chat.py", title="Chat", icon="💬", url_path="chat"),
         st.Page("pages/settings.py", title="Settings", icon="⚙️", url_path="settings"),
+        shared,  # a client who came through /s/<token>: listed (so /shared is found) but never shown
     ]
-    st.navigation(pages).run()
+    client_view = urlsplit(st.context.url or "").path.rstrip("/").endswith("/shared")
+    st.navigation(pages, position="hidden" if client_view else "sidebar").run()

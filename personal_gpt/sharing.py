@@ -28,7 +28,9 @@ MAX_LABEL = 100
 MAX_LIST_ENTRIES = 500
 MAX_QUOTA = 1_000_000
 
-NOT_AVAILABLE = "This link is not available. Ask the person who sent it for a new one."
+NOT_AVAILABLE = (
+    "This link is not available: it may have expired or been revoked. Ask the person who sent it for a new one."
+)
 # Reasons that must all look exactly like a link that never existed.
 NOT_AVAILABLE_REASONS = frozenset({"unknown", "revoked", "expired", "unpublished"})
 

@@ -62,9 +62,82 @@ async def lifespan(app):
     yield
 
 
+def signed_in() -> tuple[Principal, object] | None:
+    """The person signed in on this browser (our session cookie, re-checked against the
+    database on every run), or None. No sign-in configured: None."""
+    from personal_gpt.web.oidc import principal_from_cookies
+
+    try:
+        return principal_from_cookies(st.context.cookies, services=services())
+    except PersonalGptError as exc:  # a broken secrets file: say so, never fall back to the local creator
+        st.error(str(exc), icon="⚠️")
+        st.stop()
+
+
+def sign_in_configured() -> bool:
+    try:
+        return services().auth_config is not None
+    except PersonalGptError:
+        return True  # configured, but broken: signed_in() shows the sentence
+
+
+def sign_in_links(intro: str) -> None:
+    """Links to each configured provider's sign-in. They must open in this tab (the
+    provider sends the browser back here), so they are plain anchors with
+    target=_self, built only from our own fixed paths and escaped labels."""
+    import html
+    from urllib.parse import quote
+
+    config = services().auth_config
+    st.markdown(intro)
+    if config is None:
+        st.info("Sign-in is not set up on this server yet (see docs/sign-in.md).", icon="🔒")
+        return
+    anchors = [
+        f'<a href="/auth/login?provider={quote(name, safe="")}" target="_self" '
+        f'style="display:inline-block;margin:0 .5rem .5rem 0;padding:.45rem 1rem;border-radius:.5rem;'
+        f'border:1px solid rgba(128,128,128,.5);text-decoration:none">Sign in with {html.escape(p.label)}</a>'
+        for name, p in config.providers.items()
+    ]
+    st.markdown(" ".join(anchors), unsafe_allow_html=True)
+
+
+def sign_out_link(who: str) -> None:
+    import html
+
+    st.markdown(f'{html.escape(who)} · <a href="/auth/logout" target="_self">Sign out</a>', unsafe_allow_html=True)
+
+
 def principal() -> Principal:
-    """The local creator (sign-in arrives with share links and accounts)."""
-    return Principal.local()
+    """The acting creator. Without sign-in configured: the one local creator. With it:
+    the signed-in person if they may create GPTs; otherwise a sign-in page (stops)."""
+    if not sign_in_configured():
+        return Principal.local()
+    who = signed_in()
+    if who is None:
+        st.title("Personal GPTs")
+        sign_in_links("Sign in to make and manage your GPTs.")
+        st.stop()
+    person, _ = who
+    if not services().is_creator(person):
+        st.title("Personal GPTs")
+        st.info(f"You are signed in as {person.email or person.subject}, but this account cannot create GPTs "
+                "here. If someone sent you a link, open that link again.", icon="🔒")
+        sign_out_link(person.email or "Signed in")
+        st.stop()
+    return person
+
+
+def share_visitor():
+    """(link id, Visitor) for the client page, from the cookies the /s/<token> route set."""
+    from personal_gpt.sharing import Visitor
+    from personal_gpt.web.share_routes import shared_link_id, visitor_id
+
+    cookies = st.context.cookies
+    who = signed_in() if sign_in_configured() else None
+    visitor = Visitor(principal=who[0] if who else None, signed_in_at=who[1] if who else None,
+                      visitor_id=visitor_id(cookies) or "")
+    return shared_link_id(cookies), visitor
 
 
 @contextmanager

@@ -17,4 +17,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 def routes() -> list[Route]:
-    return [Route("/api/health", health, methods=["GET"])]
+    from personal_gpt.web.oidc import auth_routes
+    from personal_gpt.web.share_routes import share_routes
+
+    return [Route("/api/health", health, methods=["GET"]), *share_routes(), *auth_routes()]

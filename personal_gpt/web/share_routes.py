@@ -53,7 +53,9 @@ def _page(title: str, text: str) -> str:
 
 
 NOT_AVAILABLE_PAGE = _page(
-    "This link is not available", "Ask the person who sent it to you for a new one."
+    "This link is not available",
+    "It may have expired or been revoked, or the address may be incomplete. "
+    "Ask the person who sent it to you for a new one.",
 )
 TOO_MANY_PAGE = _page("Too many tries", "Please wait a minute, then open your link again.")
 TROUBLE_PAGE = _page("Something went wrong on our side", "Please try your link again in a minute.")
