@@ -20,8 +20,12 @@ def stop_with(message: str, icon: str = "🔒", sign_in: bool = False) -> None:
     st.stop()
 
 
-if not link_id:
+if link_id is None:
     stop_with("Open the link you were sent to start chatting.", icon="🔗")
+if not link_id:
+    from personal_gpt.sharing import NOT_AVAILABLE
+
+    stop_with(NOT_AVAILABLE)
 
 try:
     view = svc.shared_access(link_id, visitor)

@@ -7,6 +7,8 @@ starters) and their own conversations through that one link.
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+
 import logging
 import re
 import time
@@ -16,7 +18,7 @@ from typing import Iterable, Iterator
 
 from personal_gpt import chat
 from personal_gpt.auth import Principal
-from personal_gpt.errors import Forbidden, InvalidInput, NotFound
+from personal_gpt.errors import PersonalGptError, Forbidden, InvalidInput, NotFound
 from personal_gpt.gpts import GptSpec
 from personal_gpt.sharing import (
     MAX_SESSION_AGE,
@@ -112,8 +114,17 @@ def _link_view(row: links.LinkRow, now: datetime) -> ShareLink:
 
 
 class SharingMethods:
-    share_max_session_age: timedelta = MAX_SESSION_AGE  # the lead wires Settings into this
+    share_max_session_age: timedelta | None = None  # None: the sign-in settings' maximum (default 12 h)
     share_recheck_s: float = 0.5  # a streaming answer re-reads its link at least this often
+
+    def _max_session_age(self) -> timedelta:
+        if self.share_max_session_age is not None:
+            return self.share_max_session_age
+        try:
+            config = self.auth_config
+        except PersonalGptError:
+            config = None
+        return config.session_max_age if config is not None else MAX_SESSION_AGE
 
     # -- creator side -------------------------------------------------------------
 
@@ -220,7 +231,7 @@ class SharingMethods:
         with self.store.read() as conn:
             visit = self._visit(conn, link_id)
         decision = decide(
-            visit.facts if visit else None, visitor, now or _now(), max_session_age=self.share_max_session_age
+            visit.facts if visit else None, visitor, now or _now(), max_session_age=self._max_session_age()
         )
         if not decision.allowed:
             log.info("share link %s: %s (%s)", link_id if visit else "?", decision.outcome, decision.reason)
@@ -271,6 +282,23 @@ class SharingMethods:
         f = visit.facts
         return f.revoked_at is None and f.gpt_published and (f.expires_at is None or f.expires_at > _now())
 
+    def share_link_current(self, link_id: str, fingerprint: str) -> bool:
+        """Whether a browser's link cookie still matches the link's current token (a
+        rotated link shuts out browsers that opened the old URL)."""
+        import hmac
+
+        from personal_gpt.services import _ID
+        from personal_gpt.store.schema import share_links
+
+        if not isinstance(link_id, str) or not _ID.match(link_id) or not isinstance(fingerprint, str) \
+                or len(fingerprint) != 16:
+            return False
+        with self.store.read() as conn:
+            current = conn.execute(
+                sa.select(share_links.c.token_hash).where(share_links.c.id == link_id)
+            ).scalar()
+        return current is not None and hmac.compare_digest(current[:16], fingerprint)
+
     # -- client side ------------------------------------------------------------------
 
     def open_share_token(self, token: str) -> str:
@@ -280,7 +308,7 @@ class SharingMethods:
             raise NotFound(NOT_AVAILABLE)
         with self.store.read() as conn:
             visit = links.visit_by_token_hash(conn, hash_token(token))
-        decision = decide(visit.facts if visit else None, Visitor(), _now(), max_session_age=self.share_max_session_age)
+        decision = decide(visit.facts if visit else None, Visitor(), _now(), max_session_age=self._max_session_age())
         if decision.not_available:
             log.info("share link %s not opened: %s", visit.facts.id if visit else "?", decision.reason)
             raise NotFound(NOT_AVAILABLE)

@@ -129,15 +129,21 @@ def principal() -> Principal:
 
 
 def share_visitor():
-    """(link id, Visitor) for the client page, from the cookies the /s/<token> route set."""
+    """(link id, Visitor) for the client page, from the cookies the /s/<token> route set.
+    The link id is None when this browser opened no link, and "" when it opened one
+    whose URL has since been rotated."""
     from personal_gpt.sharing import Visitor
-    from personal_gpt.web.share_routes import shared_link_id, visitor_id
+    from personal_gpt.web.share_routes import shared_link_ref, visitor_id
 
     cookies = st.context.cookies
     who = signed_in() if sign_in_configured() else None
     visitor = Visitor(principal=who[0] if who else None, signed_in_at=who[1] if who else None,
                       visitor_id=visitor_id(cookies) or "")
-    return shared_link_id(cookies), visitor
+    ref = shared_link_ref(cookies)
+    if ref is None:
+        return None, visitor
+    # "" = this browser opened the link through a URL that has since been rotated away
+    return (ref[0] if services().share_link_current(*ref) else ""), visitor
 
 
 @contextmanager

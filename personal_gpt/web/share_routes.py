@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from personal_gpt.sharing import looks_like_token, redact_tokens
+from personal_gpt.sharing import hash_token, looks_like_token, redact_tokens
 from personal_gpt.web.cookies import sign, unsign
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,28 @@ def _open_token(token: str) -> str:
     return glue.services().open_share_token(token)
 
 
+def link_cookie_value(link_id: str, token: str) -> str:
+    """The signed ``pgpt_link`` value: the link id and a fingerprint of the token it was
+    opened with, so rotating the link also shuts out browsers that opened the old URL."""
+    return sign(f"{link_id}.{hash_token(token)[:16]}", _LINK_PURPOSE)
+
+
+def shared_link_ref(cookies: Mapping[str, str]) -> tuple[str, str] | None:
+    """(link id, token fingerprint) from a request's ``pgpt_link`` cookie, or None when
+    absent, tampered with or too old. Check the fingerprint with
+    ``Services.share_link_current`` before trusting the link id."""
+    value = unsign(cookies.get(LINK_COOKIE), _LINK_PURPOSE, LINK_COOKIE_MAX_AGE)
+    if not value or "." not in value:
+        return None
+    link_id, _, fingerprint = value.partition(".")
+    return link_id, fingerprint
+
+
 def shared_link_id(cookies: Mapping[str, str]) -> str | None:
     """The link id in a request's ``pgpt_link`` cookie (e.g. ``st.context.cookies``),
     or None when absent, tampered with or too old."""
-    return unsign(cookies.get(LINK_COOKIE), _LINK_PURPOSE, LINK_COOKIE_MAX_AGE)
+    ref = shared_link_ref(cookies)
+    return ref[0] if ref else None
 
 
 def visitor_id(cookies: Mapping[str, str]) -> str | None:
@@ -160,7 +178,7 @@ def make_share_door(limiter: FailureLimiter):
         secure = _is_https(request)
         response = RedirectResponse(SHARED_PATH, status_code=303, headers=COMMON_HEADERS)
         response.set_cookie(
-            LINK_COOKIE, sign(link_id, _LINK_PURPOSE), max_age=LINK_COOKIE_MAX_AGE, path="/",
+            LINK_COOKIE, link_cookie_value(link_id, token), max_age=LINK_COOKIE_MAX_AGE, path="/",
             secure=secure, httponly=True, samesite="lax",
         )
         if visitor_id(request.cookies) is None:

@@ -75,9 +75,10 @@ def sign_in_alice(client, provider_url, **claims) -> httpx.Response:
 
 
 def link_cookie(link_id: str) -> str:
+    """A ``pgpt_link`` value as the share route sets it (link id + token fingerprint)."""
     from personal_gpt.web.cookies import sign
 
-    return sign(link_id, "share-link")
+    return sign(f"{link_id}.{'0' * 16}", "share-link")
 
 
 # --- the happy path against the real provider ---------------------------------------

@@ -230,3 +230,17 @@ def test_trouble_on_our_side_is_a_friendly_503(client, links, monkeypatch, svc):
     r = client.get("/s/" + links["live"][1])
     assert r.status_code == 503 and b"Something went wrong on our side" in r.content
     assert b"database" not in r.content and r.headers["retry-after"] == "60"
+
+
+def test_rotating_a_link_shuts_out_browsers_that_opened_the_old_url(client, links, svc):
+    from personal_gpt.web.share_routes import shared_link_ref
+
+    link_id, token = links["live"]
+    ref = shared_link_ref(client.get(f"/s/{token}").cookies)
+    assert ref[0] == link_id and svc.share_link_current(*ref)
+    _, new_token = svc.rotate_share_link(ALICE, link_id)
+    assert not svc.share_link_current(*ref), "the old URL's cookie no longer admits"
+    assert client.get(f"/s/{token}").status_code == 404
+    fresh = shared_link_ref(client.get(f"/s/{new_token}").cookies)
+    assert fresh[0] == link_id and svc.share_link_current(*fresh)
+    assert not svc.share_link_current("../x", fresh[1]) and not svc.share_link_current(link_id, "short")
