@@ -45,7 +45,13 @@ def friendly(fn):
 
 
 def _principal() -> Principal:
-    return Principal.local()
+    """The local creator, or with ``--as EMAIL`` (or PERSONAL_GPT_AS) a creator who has
+    signed in to the web app: commands then reach only that person's GPTs."""
+    ctx = click.get_current_context(silent=True)
+    email = ((ctx.find_root().params.get("as_email") if ctx else None) or "").strip()
+    if not email:
+        return Principal.local()
+    return _services().creator_by_email(email)
 
 
 def _dump(data) -> None:
@@ -54,7 +60,9 @@ def _dump(data) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="personal-gpt")
-def main():
+@click.option("--as", "as_email", metavar="EMAIL", envvar="PERSONAL_GPT_AS",
+              help="Act as this signed-in creator (when sign-in is configured).")
+def main(as_email):
     """Personal GPTs: make, chat with and share your own GPTs.
 
     All state lives under PERSONAL_GPT_HOME (default ~/.personal-gpt)."""
@@ -340,7 +348,14 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 @click.option("--host", default="localhost", show_default=True, help="Address to listen on.")
 def serve_cmd(port, host):
     """Start the app (web UI and HTTP routes on one port)."""
-    if host not in LOCAL_HOSTS:
+    from personal_gpt.auth_config import load_auth_config
+
+    try:
+        signin = load_auth_config() is not None
+    except PersonalGptError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    if host not in LOCAL_HOSTS and not signin:
         click.echo(
             f"Warning: listening on {host} with no sign-in configured: anyone who can reach this "
             "address can use and change your GPTs.", err=True,

@@ -211,3 +211,29 @@ class AccountMethods:
         if principal.issuer == LOCAL_ISSUER or not principal.email_verified:
             return False
         return config.is_creator_email(principal.email)
+
+    def creator_by_email(self, email: str) -> Principal:
+        """The creator with this verified e-mail who has signed in before (for the CLI's
+        ``--as``). Without sign-in configured there is only the local creator."""
+        import sqlalchemy as sa
+
+        from personal_gpt.store.schema import users
+
+        config = self.auth_config
+        if config is None:
+            raise InvalidInput("Sign-in is not configured here, so there is only the local creator: drop --as.")
+        wanted = (email or "").strip().lower()
+        with self.store.read() as conn:
+            rows = conn.execute(
+                sa.select(users.c.issuer, users.c.subject, users.c.email, users.c.name)
+                .where(sa.func.lower(users.c.email) == wanted, users.c.email_verified.is_(True))
+            ).all()
+        people = [Principal(issuer=r.issuer, subject=r.subject, email=r.email, email_verified=True, name=r.name)
+                  for r in rows]
+        people = [p for p in people if self.is_creator(p)]
+        if not people:
+            raise InvalidInput(f"No creator with the verified e-mail {email} has signed in here yet: they sign in "
+                               "once in the web app first.")
+        if len(people) > 1:
+            raise InvalidInput(f"Several sign-in providers know {email}; the CLI cannot tell which one you mean.")
+        return people[0]

@@ -151,3 +151,53 @@ def test_errors_are_one_sentence_and_exit_2(run, gpt_id, args, message):
     result = run(*args, code=2)
     assert result.stdout == "" and result.stderr == f"Error: {message}\n"
     assert json.loads(run("share", "list", gpt_id, "--json").stdout) == []  # nothing was made
+
+
+def test_cli_acts_as_a_signed_in_creator_only_with_as(home, tmp_path, monkeypatch):
+    """With sign-in configured, ``--as EMAIL`` reaches only that creator's GPTs; an
+    unknown or non-creator e-mail gets one sentence and exit 2."""
+    from click.testing import CliRunner
+
+    from personal_gpt.cli import main
+    from personal_gpt.services import Services
+    from tests.support.oidc import write_secrets
+
+    secrets_file = write_secrets(tmp_path / "secrets.toml", {"idp": "https://idp.example"},
+                                 creators=["ann@studio.example"])
+    monkeypatch.setenv("PERSONAL_GPT_SECRETS", str(secrets_file))
+    svc = Services()
+    ann = svc.sign_in({"iss": "https://idp.example", "sub": "ann", "email": "ann@studio.example",
+                       "email_verified": True}, "idp")
+    ann_p, _ = svc.principal_for_session(ann)
+    svc.create_gpt(ann_p, name="Ann's helper")
+    svc.close()
+    runner = CliRunner()
+    listed = runner.invoke(main, ["--as", "ann@studio.example", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [g["name"] for g in json.loads(listed.output)] == ["Ann's helper"]
+    local = runner.invoke(main, ["list", "--json"])
+    assert local.exit_code == 0 and json.loads(local.output) == []
+    stranger = runner.invoke(main, ["--as", "bob@studio.example", "list"])
+    assert stranger.exit_code == 2 and "No creator with the verified e-mail bob@studio.example" in stranger.output
+
+
+def test_serve_warns_when_listening_beyond_localhost_without_sign_in(home, tmp_path, monkeypatch):
+    """The warning is the point here, not the server (started for real by the e2e tests):
+    ``serve`` itself is replaced by a recorder."""
+    from click.testing import CliRunner
+
+    import personal_gpt.web.server as server
+    from personal_gpt.cli import main
+    from tests.support.oidc import write_secrets
+
+    started = []
+    monkeypatch.setattr(server, "serve", lambda port, host: started.append((port, host)))
+    runner = CliRunner()
+    open_to_all = runner.invoke(main, ["serve", "--host", "0.0.0.0", "--port", "9999"])
+    assert open_to_all.exit_code == 0 and "no sign-in configured" in open_to_all.output
+    local = runner.invoke(main, ["serve"])
+    assert "Warning" not in local.output
+    monkeypatch.setenv("PERSONAL_GPT_SECRETS", str(write_secrets(tmp_path / "s.toml", {"idp": "https://idp.example"})))
+    with_signin = runner.invoke(main, ["serve", "--host", "0.0.0.0"])
+    assert with_signin.exit_code == 0 and "Warning" not in with_signin.output
+    assert started == [(9999, "0.0.0.0"), (8501, "localhost"), (8501, "0.0.0.0")]
