@@ -40,7 +40,7 @@ def test_share_link_sign_in_round_trip(home, tmp_path, provider, browser, monkey
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     secrets = write_secrets(home / "secrets.toml", {"company": provider}, redirect_uri=f"{base}/auth/callback",
-                            creators=["owner@creator.example"])
+                            creators=["owner@creator.example", "bob@creator.example"])
     monkeypatch.setenv("PERSONAL_GPT_SECRETS", str(secrets))
 
     svc = Services()
@@ -62,6 +62,7 @@ def test_share_link_sign_in_round_trip(home, tmp_path, provider, browser, monkey
                      .values(expires_at=datetime.now(timezone.utc) - timedelta(days=1)))
     svc.close()
     mock_user(provider, "alice", email="alice@client.example", email_verified=True, name="Alice")
+    mock_user(provider, "bob", email="bob@creator.example", email_verified=True, name="Bob")
     mock_user(provider, "mallory", email="mallory@elsewhere.example", email_verified=True, name="Mallory")
 
     with running_app_server(home, port=port, log_dir=tmp_path):
@@ -100,5 +101,14 @@ def test_share_link_sign_in_round_trip(home, tmp_path, provider, browser, monkey
             assert response.status == 404
             expect(other.get_by_text("expired or been revoked", exact=False).first).to_be_visible()
             other.context.close()
-        alice.context.close()
-        mallory.context.close()
+        # Bob, another creator, signs in from the home page: his GPTs only, not the owner's by id
+        bob = browser.new_context().new_page()
+        bob.set_default_timeout(60_000)
+        bob.goto(base)
+        _sign_in_at_provider(bob, "bob")
+        expect(bob.get_by_text("You have no GPTs yet", exact=False)).to_be_visible()
+        bob.goto(f"{base}/builder?gpt={gpt.id}")
+        expect(bob.get_by_text("There is no GPT", exact=False)).to_be_visible()
+        assert bob.get_by_text("You help clients with their gardens").count() == 0
+        for context in (alice.context, mallory.context, bob.context):
+            context.close()
