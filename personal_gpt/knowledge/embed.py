@@ -97,6 +97,9 @@ class Embedder:
             counter.no_padding()
             counter.no_truncation()
             try:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()  # no "Loading weights" bar in the CLI's output or the server log
                 model = AutoModel.from_pretrained(str(where), local_files_only=True, dtype=torch.float32)
             except Exception as exc:
                 raise ModelError(f"The search model in {where} could not be loaded: its weights are missing or damaged.") from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
 from personal_gpt.gpts import GenerationSettings
@@ -25,6 +26,15 @@ class Usage:
     total_s: float | None = None
     finish_reason: str | None = None  # "stop", "length", "cancelled"
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter to serve on a local base model (see ``models.adapters``)."""
+
+    name: str  # unique and stable for these weights, e.g. the adapter version's id
+    path: Path  # a peft folder: adapter_config.json + adapter_model.safetensors
+    label: str = ""  # what people see, e.g. "fine-tune 3"; the name when empty
 
 
 @runtime_checkable

@@ -1,6 +1,7 @@
 """Continuous batching for local chat models: requests, the running batch, one
 prefill or decode step over a shared KV cache of growing layers, sampling, and
-the cache of recent prompt prefixes.
+the cache of recent prompt prefixes (kept apart per LoRA adapter; rows of a batch
+may each use another adapter, see ``adapters``).
 Must not: own the scheduler thread or its queue (LocalModel does), touch the store,
 or import torch/transformers at import time.
 """
@@ -36,14 +37,21 @@ class _Request:
     generated: int = 0
     generator: Any = None  # torch.Generator when sampling
     done: bool = False
+    adapter: Any = None  # the adapters._Slot this request answers with (counted while it runs); None = base
 
     @property
     def stopped(self) -> bool:
         return self.abandoned or self.cancel.is_set()
 
+    @property
+    def adapter_key(self) -> str | None:
+        return self.adapter.key if self.adapter is not None else None
+
     def finish(self, reason: str, error: str | None = None) -> None:
         if not self.done:
             self.done = True
+            if self.adapter is not None:
+                self.adapter.release()
             self.out.put(_Done(reason, error))
 
 
@@ -67,6 +75,7 @@ class _Runtime:
     pad_id: int
     cache_arg: str  # "cache" (transformers >= 5.x) or "past_key_values"
     keep_logits: bool
+    adapters: Any = None  # adapters.AdapterSet; once it holds adapters, every forward goes through its select()
 
 
 # --- one scheduler step: prefill new requests, decode the running batch ------------
@@ -78,7 +87,7 @@ def _prefill(rt: _Runtime, prefix: _PrefixCache, requests: list[_Request]) -> _B
     fresh: list[_Request] = []
     batch: _Batch | None = None
     for request in requests:
-        hit = prefix.lookup(request.prompt)
+        hit = prefix.lookup(request.prompt, request.adapter_key)
         if hit is None:
             fresh.append(request)
         else:
@@ -108,7 +117,7 @@ def _prefill_group(rt: _Runtime, prefix: _PrefixCache, requests: list[_Request],
             mask[i, width - len(r.prompt):] = 1
         ids, mask = ids.to(rt.device), mask.to(rt.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    logits = _forward(rt, ids, mask, positions, cache)
+    logits = _forward(rt, ids, mask, positions, cache, requests)
     _remember_prompts(prefix, requests, cache)
     vocab = logits.shape[-1]
     seen = torch.zeros((len(requests), vocab), dtype=torch.bool, device=rt.device)
@@ -143,23 +152,31 @@ def _remember_prompts(prefix: _PrefixCache, requests: list[_Request], cache) -> 
              layer.values[i:i + 1, :, cut:].clone(memory_format=torch.contiguous_format))
             for layer in cache.layers
         ]
-        prefix.store(r.prompt, kv)
+        prefix.store(r.prompt, kv, r.adapter_key)
 
 
 def _decode_step(rt: _Runtime, batch: _Batch) -> _Batch | None:
     import torch
 
     batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.mask.shape[0], 1))], dim=1)
-    logits = _forward(rt, batch.last[:, None], batch.mask, batch.pos[:, None], batch.cache)
+    logits = _forward(rt, batch.last[:, None], batch.mask, batch.pos[:, None], batch.cache, batch.rows)
     batch.pos = batch.pos + 1
     return _advance(rt, batch, logits)
 
 
-def _forward(rt: _Runtime, ids, mask, positions, cache):
+def _forward(rt: _Runtime, ids, mask, positions, cache, rows: list[_Request]):
     kwargs = {rt.cache_arg: cache, "use_cache": True}
     if rt.keep_logits:
         kwargs["logits_to_keep"] = 1
-    out = rt.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+    adapters = rt.adapters
+    if adapters is None or not adapters.injected:  # no adapter loaded: the plain model
+        out = rt.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+    else:  # each row with its own adapter; no adapter row at all: the plain layers
+        adapters.select([r.adapter_key for r in rows], rt.device)
+        try:
+            out = rt.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        finally:
+            adapters.done()
     return out.logits[:, -1, :].float()
 
 
@@ -365,55 +382,64 @@ def _trim_left(batch: _Batch) -> None:
         batch.mask = batch.mask[:, first:]
 
 
+_Key = tuple  # (adapter key or None, prompt token ids)
+
+
 class _PrefixCache:
     """Keys/values of recent prompts (batch of one each), least recently used
     dropped first, so a new prompt that shares a long prefix with one of them
     (the same GPT instructions, the earlier turns of a conversation) only
-    computes its new part. Cached tensors are shared read-only."""
+    computes its new part. Entries are kept per adapter: keys/values computed
+    under one adapter (or none) are never reused under another. Cached tensors
+    are shared read-only."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, ...], list] = OrderedDict()
-        self._sizes: dict[tuple[int, ...], int] = {}
+        self._entries: OrderedDict[_Key, list] = OrderedDict()
+        self._sizes: dict[_Key, int] = {}
         self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    def _best(self, prompt: list[int]) -> tuple[tuple[int, ...] | None, int]:
+    def _best(self, prompt: list[int], adapter: str | None) -> tuple[_Key | None, int]:
         wanted = tuple(prompt)
         best_key, best = None, 0
         for key in self._entries:
-            n = _common_prefix(key, wanted)
+            if key[0] != adapter:
+                continue
+            n = _common_prefix(key[1], wanted)
             if n > best:
                 best_key, best = key, n
         best = min(best, len(prompt) - 1)  # at least one token must be computed for the next logits
         return (best_key, best) if best >= MIN_PREFIX_TOKENS else (None, 0)
 
-    def match_length(self, prompt: list[int]) -> int:
+    def match_length(self, prompt: list[int], adapter: str | None = None) -> int:
         with self._lock:
-            return self._best(prompt)[1]
+            return self._best(prompt, adapter)[1]
 
-    def lookup(self, prompt: list[int]):
+    def lookup(self, prompt: list[int], adapter: str | None = None):
         """(prefix length, per-layer (keys, values) views) or None."""
         with self._lock:
-            key, n = self._best(prompt)
+            key, n = self._best(prompt, adapter)
             if key is None:
                 return None
             self._entries.move_to_end(key)
             return n, [(k[:, :, :n], v[:, :, :n]) for k, v in self._entries[key]]
 
-    def store(self, prompt: list[int], kv: list) -> None:
+    def store(self, prompt: list[int], kv: list, adapter: str | None = None) -> None:
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
         if size > self.max_bytes:
             return
-        key = tuple(prompt)
+        tokens = tuple(prompt)
+        key = (adapter, tokens)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return
-            for old in [o for o in self._entries if len(o) < len(key) and key[: len(o)] == o]:
+            for old in [o for o in self._entries
+                        if o[0] == adapter and len(o[1]) < len(tokens) and tokens[: len(o[1])] == o[1]]:
                 self._drop(old)  # a prefix of the new prompt adds nothing
             self._entries[key] = kv
             self._sizes[key] = size
@@ -428,6 +454,12 @@ class _PrefixCache:
         with self._lock:
             self._entries.clear()
             self._sizes.clear()
+
+    def drop_adapter(self, adapter: str) -> None:
+        """Forget the prefixes computed under this adapter."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == adapter]:
+                self._drop(key)
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:

@@ -1,8 +1,9 @@
 """Local Hugging Face causal-LM chat models, served from one copy of the weights.
 
 Owns: loading any HF causal-LM folder, the ChatModel API (encode, count_tokens,
-stream), and one scheduler thread per model that admits requests into the batch
-steps of ``batching`` (continuous batching over a shared KV cache).
+stream, optionally with a LoRA adapter), and one scheduler thread per model that
+admits requests into the batch steps of ``batching`` (continuous batching over a
+shared KV cache; rows with different adapters share the batch, see ``adapters``).
 Must not: touch the store, download anything, or import torch/transformers at import time.
 """
 
@@ -20,7 +21,8 @@ from typing import Iterator
 
 from personal_gpt.errors import InvalidInput, ModelError
 from personal_gpt.gpts import GenerationSettings
-from personal_gpt.models.base import Message, Usage
+from personal_gpt.models.adapters import AdapterSet
+from personal_gpt.models.base import AdapterRef, Message, Usage
 from personal_gpt.models.batching import (
     _Batch,
     _decode_step,
@@ -47,14 +49,24 @@ class LocalModel:
 
     One instance serves every session: ``stream`` hands requests to a single
     scheduler thread that prefills new ones and decodes all running ones
-    together, step by step, from one KV cache (continuous batching).
+    together, step by step, from one KV cache (continuous batching). A request
+    may name a LoRA adapter (``stream(..., adapter=AdapterRef)``): each adapter
+    is loaded into these weights once, and rows with different adapters (or
+    none) run in the same batch.
+
+    ``base_id`` is the stable name of this base model that an adapter's
+    ``base_model_name_or_path`` must carry (the registry sets the model
+    reference, e.g. "bundled:smollm2-135m-instruct"); the folder's path is
+    accepted too (what peft writes by default).
     """
 
     def __init__(
-        self, model_dir: Path, name: str, threads: int = 0, max_batch: int = 8, prefix_cache_mb: int = 256
+        self, model_dir: Path, name: str, threads: int = 0, max_batch: int = 8, prefix_cache_mb: int = 256,
+        base_id: str | None = None, max_adapters: int = 16,
     ):
         self.model_dir = Path(model_dir)
         self.name = name
+        self.base_id = base_id or f"hf:{self.model_dir.resolve()}"
         self.threads = int(threads)
         self.max_batch = max(1, int(max_batch))
         self._prefix = _PrefixCache(max(0, int(prefix_cache_mb)) * 2**20)
@@ -66,6 +78,8 @@ class LocalModel:
         self._pending: deque[_Request] = deque()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._step_lock = threading.RLock()  # held by the scheduler for each step; adapters change layers under it
+        self._adapters = AdapterSet(self._step_lock, on_removed=self._prefix.drop_adapter, max_loaded=max_adapters)
 
     def __repr__(self) -> str:
         return f"LocalModel({str(self.model_dir)!r}, name={self.name!r})"
@@ -90,7 +104,9 @@ class LocalModel:
     def _load(self) -> _Runtime:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in the CLI's output or the server log
         if self.threads > 0:
             torch.set_num_threads(self.threads)
         where = self.model_dir
@@ -141,7 +157,34 @@ class LocalModel:
             pad_id=int(pad if pad is not None else min(eos)),
             cache_arg="cache" if "cache" in params else "past_key_values",
             keep_logits="logits_to_keep" in params,
+            adapters=self._adapters,
         )
+
+    # -- adapters -------------------------------------------------------------------
+
+    def base_names(self) -> set[str]:
+        """The names an adapter for this model may give as its base model."""
+        return {self.base_id, str(self.model_dir), str(self.model_dir.resolve())}
+
+    def load_adapter(self, adapter: AdapterRef) -> None:
+        """Load the base model and this adapter now, once (thread-safe); later
+        calls return at once. Raises ``ModelError`` with a sentence when the
+        adapter is unsafe, damaged, or made for another model."""
+        self._adapter_slot(adapter)
+
+    def _adapter_slot(self, adapter: AdapterRef):
+        rt = self._runtime()
+        return self._adapters.get(adapter, rt.model, rt.device, self.base_names(), self.name)
+
+    def forget_adapter(self, name: str) -> bool:
+        """Take the adapter ``name`` out of memory (when its version is deleted):
+        now if no chat uses it, else as soon as those chats finish. Its cached
+        prefixes go too. False if it was not loaded."""
+        return self._adapters.forget(name)
+
+    def loaded_adapters(self) -> list[str]:
+        """Names of the adapters in memory now."""
+        return self._adapters.names()
 
     # -- ChatModel ---------------------------------------------------------------
 
@@ -166,10 +209,13 @@ class LocalModel:
         settings: GenerationSettings,
         cancel: threading.Event | None = None,
         usage: Usage | None = None,
+        adapter: AdapterRef | None = None,
     ) -> Iterator[str]:
-        """Yield the answer in pieces. Errors about the input or the model are
-        raised here, before the first piece; see ``ChatModel.stream``."""
+        """Yield the answer in pieces, with ``adapter`` if given (loaded on first
+        use). Errors about the input, the model or the adapter are raised here,
+        before the first piece; see ``ChatModel.stream``."""
         started = time.perf_counter()
+        slot = self._adapter_slot(adapter) if adapter is not None else None
         ids = self.encode(messages)
         needed = len(ids) + settings.max_new_tokens
         if needed > self.context_window:
@@ -180,11 +226,19 @@ class LocalModel:
         usage = usage if usage is not None else Usage()
         usage.prompt_tokens = len(ids)
         request = _Request(prompt=ids, settings=settings, cancel=cancel or threading.Event())
-        return self._answer(request, usage, started)
+        return self._answer(request, usage, started, slot)
 
-    def _answer(self, request: _Request, usage: Usage, started: float) -> Iterator[str]:
+    def _answer(self, request: _Request, usage: Usage, started: float, slot=None) -> Iterator[str]:
         tokenizer = self._runtime().tokenizer
-        self._submit(request)
+        if slot is not None:  # counted from here: an unread generator holds nothing
+            if not self._adapters.acquire(slot):
+                raise ModelError("This fine-tuned version was removed while the answer was starting; try again.")
+            request.adapter = slot
+        try:
+            self._submit(request)
+        except BaseException:
+            request.finish("error")
+            raise
         ids: list[int] = []
         emitted = ""
         done: _Done | None = None
@@ -245,6 +299,7 @@ class LocalModel:
             self._pending.clear()
         with self._load_lock:
             self._rt = None
+            self._adapters.reset()
 
     # -- the scheduler --------------------------------------------------------------
 
@@ -277,24 +332,27 @@ class LocalModel:
                     room = self.max_batch - (len(batch.rows) if batch else 0)
                     tokens = 0
                     while self._pending and len(admit) < room:  # FIFO, within a prefill budget
-                        prompt = self._pending[0].prompt
-                        size = len(prompt) - self._prefix.match_length(prompt)
+                        head = self._pending[0]
+                        size = len(head.prompt) - self._prefix.match_length(head.prompt, head.adapter_key)
                         if admit and tokens + size > budget:
                             break
                         admit.append(self._pending.popleft())
                         tokens += size
                 try:
-                    admit = [r for r in admit if not self._finish_if_stopped(r)]
-                    if admit:
-                        batch = _merge(batch, _prefill(rt, self._prefix, admit))
-                    if batch is not None:
-                        batch = _decode_step(rt, batch)
+                    with self._step_lock:  # adapters are loaded and removed between steps
+                        admit = [r for r in admit if not self._finish_if_stopped(r)]
+                        if admit:
+                            batch = _merge(batch, _prefill(rt, self._prefix, admit))
+                        if batch is not None:
+                            batch = _decode_step(rt, batch)
                 except Exception as exc:  # keep serving: fail the affected chats only
                     log.exception("local model step failed")
                     message = _runtime_error_sentence(exc)
                     for request in admit + (batch.rows if batch else []):
                         request.finish("error", message)
                     batch = None
+                if self._adapters.removal_due:  # forgotten adapters whose last chat just ended
+                    self._adapters.sweep()
         for request in batch.rows if batch else []:
             request.finish("error", "The model was shut down before finishing; try again.")
 

@@ -1,7 +1,8 @@
 """Model references -> one shared ChatModel per reference.
 
 Owns: parsing references ("bundled:<id>", "hf:/absolute/dir", "openai:<provider_id>";
-"" = the install's default), creating each model once (thread-safe) and closing them.
+"" = the install's default), creating each model once (thread-safe), LoRA adapter
+views over a shared local model, and closing them.
 Must not: store provider secrets (the caller's lookup supplies them) or load weights on import.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from personal_gpt.errors import InvalidInput
-from personal_gpt.models.base import ChatModel
+from personal_gpt.models.base import AdapterRef, ChatModel
 
 BUNDLED_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct (bundled)"}
 KINDS = ("bundled", "hf", "openai")
@@ -67,12 +68,32 @@ class ModelRegistry:
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, ref: str, provider_lookup: ProviderLookup | None = None) -> ChatModel:
+    def get(
+        self, ref: str, provider_lookup: ProviderLookup | None = None, adapter: AdapterRef | None = None
+    ) -> ChatModel:
         """The model for ``ref`` (created on first use; the same object afterwards).
 
         For "openai:" references ``provider_lookup(provider_id)`` supplies the
-        connection; if it changes (new key, new address) a new client replaces the old."""
+        connection; if it changes (new key, new address) a new client replaces the old.
+
+        With ``adapter`` (local models only): a light ``AdaptedModel`` view that
+        answers with that LoRA adapter on the one shared instance of ``ref``; the
+        adapter folder is checked now (files, format, base model: ``ModelError``),
+        its weights load on first use. An adapter's ``base_model_name_or_path``
+        must be ``describe(ref).ref`` (e.g. "bundled:smollm2-135m-instruct")."""
         key, kind, target = parse_ref(ref, self.settings.default_model)
+        if adapter is not None:
+            if kind == "openai":
+                label = self.describe(ref, provider_lookup).label
+                raise InvalidInput(
+                    f"A fine-tuned version can only run on a model on this computer, and {label} is a model "
+                    "server; switch the GPT to a local model or turn its fine-tuned version off."
+                )
+            from personal_gpt.models.adapters import AdaptedModel, check_adapter
+
+            base = self.get(ref, provider_lookup)
+            check_adapter(adapter, base.base_names(), base.name)
+            return AdaptedModel(base, adapter)
         provider = None
         fingerprint: Any = None
         if kind == "openai":
@@ -111,6 +132,18 @@ class ModelRegistry:
         with self._lock:
             return sorted(self._models)
 
+    def forget_adapter(self, name: str) -> bool:
+        """Take the adapter ``name`` out of every loaded local model (call it when
+        an adapter version is deleted); chats using it finish first. True if any held it."""
+        with self._lock:
+            models = [m for _, m in self._models.values()]
+        forgotten = False
+        for model in models:
+            forget = getattr(model, "forget_adapter", None)
+            if callable(forget):
+                forgotten = bool(forget(name)) or forgotten
+        return forgotten
+
     def close(self) -> None:
         """Close every model (local models stop their scheduler and free memory)."""
         with self._lock:
@@ -136,7 +169,9 @@ class ModelRegistry:
         if kind == "bundled":
             from personal_gpt.models.bundled import bundled_local_model
 
-            return bundled_local_model(self.settings)
+            model = bundled_local_model(self.settings)
+            model.base_id = f"bundled:{target}"  # the stable name adapters record as their base
+            return model
         if kind == "hf":
             from personal_gpt.models.local import LocalModel
 
@@ -145,6 +180,7 @@ class ModelRegistry:
                 f"{Path(target).name} (local folder)",
                 threads=self.settings.torch_threads,
                 max_batch=self.settings.max_batch,
+                base_id=f"hf:{target}",
             )
         from personal_gpt.models.openai_compat import OpenAICompatModel
 
