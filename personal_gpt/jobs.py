@@ -32,6 +32,10 @@ class JobRunner:
         if resumed:
             log.info("resuming %d interrupted ingest job(s)", len(resumed))
         self.svc.blobs.sweep()
+        try:  # fine-tunes run in their own worker process: re-queue those whose worker died, wake one
+            self.svc.recover_finetune()
+        except Exception:  # noqa: BLE001 - never keep the app from starting
+            log.exception("could not recover fine-tune jobs")
         return resumed
 
     def start(self) -> None:

@@ -351,8 +351,14 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
         }
 
     def model_for(self, p: Principal, spec: GptSpec):
-        uid = self._uid(p)
-        return self.models.get(self.model_ref(spec), provider_lookup=lambda pid: self._provider_config(uid, pid))
+        return self._model_for_uid(self._uid(p), spec)
+
+    def _model_for_uid(self, uid: int, spec: GptSpec, gpt_id: str | None = None):
+        """The model of ``spec``; ``openai:`` providers are looked up among ``uid``'s (the GPT's owner's).
+        With ``gpt_id``, a local model carries that GPT's active adapter (if trained on this model)."""
+        adapter = self._chat_adapter(gpt_id, self.model_ref(spec)) if gpt_id else None
+        return self.models.get(self.model_ref(spec), provider_lookup=lambda pid: self._provider_config(uid, pid),
+                               **({"adapter": adapter} if adapter is not None else {}))
 
     def context_window(self, p: Principal, spec: GptSpec) -> int:
         ref = self.model_ref(spec)
@@ -481,18 +487,30 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
             history = [{"role": m.role, "content": m.content} for m in repos.list_messages(conn, conv_id)]
         if spec is None:
             spec, _ = self.published_spec(p, conv.gpt_id)
+        return self._answer(conv_id, conv.gpt_id, history, message, spec, uid)
+
+    def _answer(
+        self, conv_id: str, gpt_id: str, history: list[dict], message: str, spec: GptSpec, owner_uid: int,
+        guard=None,
+    ) -> chat.Reply:
+        """The chat path shared by ``send`` and the share page's ``send_shared``: knowledge,
+        model (providers of ``owner_uid``), stream; the person's message is saved once the
+        first piece exists, the answer when the stream ends. ``guard(pieces, reply)`` may
+        wrap the stream (a share link stops it when the link is revoked)."""
         passages = []
-        if self.retriever.has_knowledge(conv.gpt_id):
+        if self.retriever.has_knowledge(gpt_id):
             from personal_gpt.knowledge.retrieval import context_block
 
-            passages = self.retriever.relevant(conv.gpt_id, message)
+            passages = self.retriever.relevant(gpt_id, message)
         if spec.knowledge_only and not passages:
             reply = chat.Reply(model_name="knowledge only")
             pieces = chat.fixed_answer(I_DONT_KNOW, reply)
         else:
-            model = self.model_for(p, spec)
+            model = self._model_for_uid(owner_uid, spec, gpt_id)
             reply = chat.Reply(model_name=model.name, citations=[x.to_meta() for x in passages])
             pieces = chat.respond(model, spec, history, message, reply, context_block(passages) if passages else "")
+        if guard is not None:
+            pieces = guard(pieces, reply)
         first = next(pieces, None)  # validation and model errors surface here, before anything is saved
         with self.store.tx() as conn:
             repos.add_message(conn, conv_id, "user", message)

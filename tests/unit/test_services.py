@@ -245,6 +245,51 @@ ID_METHODS = {
     "remove_knowledge": lambda s, ids: s.remove_knowledge(BOB, ids["gpt"], "kf_0000000000000000"),
     "knowledge_jobs": lambda s, ids: s.knowledge_jobs(BOB, ids["gpt"]),
     "search_knowledge": lambda s, ids: s.search_knowledge(BOB, ids["gpt"], "plans"),
+    "create_share_link": lambda s, ids: s.create_share_link(BOB, ids["gpt"], public=True),
+    "list_share_links": lambda s, ids: s.list_share_links(BOB, ids["gpt"]),
+    "revoke_share_link": lambda s, ids: s.revoke_share_link(BOB, _alice_link(s, ids)),
+    "rotate_share_link": lambda s, ids: s.rotate_share_link(BOB, _alice_link(s, ids)),
+    # a visitor (B signed in) reaches neither A's dead link nor A's conversations through A's live link
+    "shared_access": lambda s, ids: s.shared_access(_alice_link(s, ids, revoked=True), _bob_visiting()),
+    "start_shared_conversation": lambda s, ids: s.start_shared_conversation(_alice_link(s, ids, revoked=True), _bob_visiting()),
+    "shared_conversations": lambda s, ids: s.shared_conversations(_alice_link(s, ids, revoked=True), _bob_visiting()),
+    "shared_messages": lambda s, ids: s.shared_messages(_alice_link(s, ids), _bob_visiting(), ids["conv"]),
+    "send_shared": lambda s, ids: s.send_shared(_alice_link(s, ids), _bob_visiting(), ids["conv"], "hi"),
+    # fine-tuning (tests/unit/test_finetune_service.py covers real jobs and adapters of A)
+    "preview_training_data": lambda s, ids: s.preview_training_data(BOB, ids["gpt"], b'{"prompt": "a", "response": "b"}', "x.jsonl"),
+    "check_training_examples": lambda s, ids: s.check_training_examples(BOB, ids["gpt"], [], {}),
+    "training_pairs_from_knowledge": lambda s, ids: s.training_pairs_from_knowledge(BOB, ids["gpt"]),
+    "start_finetune": lambda s, ids: s.start_finetune(BOB, ids["gpt"], [], {}, start_worker=False),
+    "finetune_jobs": lambda s, ids: s.finetune_jobs(BOB, ids["gpt"]),
+    "finetune_job": lambda s, ids: s.finetune_job(BOB, ids["gpt"], "ftj_0000000000000000"),
+    "find_finetune_job": lambda s, ids: s.find_finetune_job(BOB, "ftj_0000000000000000"),
+    "cancel_finetune": lambda s, ids: s.cancel_finetune(BOB, ids["gpt"], "ftj_0000000000000000"),
+    "list_adapters": lambda s, ids: s.list_adapters(BOB, ids["gpt"]),
+    "get_adapter": lambda s, ids: s.get_adapter(BOB, ids["gpt"], 1),
+    "activate_adapter": lambda s, ids: s.activate_adapter(BOB, ids["gpt"], None),
+    "active_adapter": lambda s, ids: s.active_adapter(BOB, ids["gpt"]),
+    "delete_adapter": lambda s, ids: s.delete_adapter(BOB, ids["gpt"], 1),
+    "export_adapter": lambda s, ids: s.export_adapter(BOB, ids["gpt"], 1, "/tmp/never-written"),
+}
+
+
+def _alice_link(s, ids, revoked=False):
+    link, _ = s.create_share_link(ALICE, ids["gpt"], public=True)
+    return s.revoke_share_link(ALICE, link.id).id if revoked else link.id
+
+
+def _bob_visiting():
+    from datetime import datetime, timezone
+
+    from personal_gpt.sharing import Visitor
+
+    return Visitor(principal=BOB, signed_in_at=datetime.now(timezone.utc))
+
+
+# Id-taking methods that reach no one's data, each with the reason (kept short on purpose).
+NOT_SCOPED = {
+    # a browser's link cookie against the link's current token: answers True/False, returns nothing of the link
+    "share_link_current",
 }
 
 
@@ -252,11 +297,22 @@ def test_every_id_taking_method_is_covered():
     """A new service method that takes an id must be added to ID_METHODS."""
     from personal_gpt.services import Services
 
+    ids = ("gpt_id", "conv_id", "provider_id", "link_id", "job_id")
     takes_id = {
         name for name, fn in inspect.getmembers(Services, inspect.isfunction)
-        if not name.startswith("_") and any(p in inspect.signature(fn).parameters for p in ("gpt_id", "conv_id", "provider_id"))
+        if not name.startswith("_") and any(p in inspect.signature(fn).parameters for p in ids)
     }
-    assert takes_id == set(ID_METHODS)
+    assert takes_id - NOT_SCOPED == set(ID_METHODS)
+
+
+def test_share_link_current_admits_nothing_without_the_token_fingerprint(svc):
+    gpt = blank_gpt(svc)
+    link, token = svc.create_share_link(ALICE, gpt.id, public=True)
+    from personal_gpt.sharing import hash_token
+
+    assert svc.share_link_current(link.id, hash_token(token)[:16])
+    assert not svc.share_link_current(link.id, "0" * 16)
+    assert not svc.share_link_current(link.id, hash_token(token))
 
 
 @pytest.mark.parametrize("method", sorted(ID_METHODS))
