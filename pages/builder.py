@@ -39,7 +39,9 @@ else:
 if gpt.published_version and head[1].button("Open chat", icon="💬", width="stretch"):
     st.switch_page("pages/chat.py", query_params={"gpt": gpt.id})
 
-configure, knowledge_tab, versions_tab = st.tabs(["Configure", "Knowledge", "Versions"])
+configure, knowledge_tab, finetune_tab, share_tab, versions_tab = st.tabs(
+    ["Configure", "Knowledge", "Fine-tune", "Share", "Versions"]
+)
 
 with configure:
     form_col, preview_col = st.columns([3, 2], gap="large")
@@ -262,6 +264,16 @@ with knowledge_tab:
                 where = h.file + (f", page {h.page}" if h.page else "")
                 st.caption(f"[{h.n}] {where} · score {h.score:.3f}")
                 st.text(h.text)
+
+with finetune_tab:
+    from personal_gpt.web import finetune_tab as finetune_ui
+
+    finetune_ui.render(svc, me, gpt)
+
+with share_tab:
+    from personal_gpt.web import share_tab as share_ui
+
+    share_ui.render(svc, me, gpt)
 
 with versions_tab:
     versions = svc.versions(me, gpt.id)

@@ -155,6 +155,17 @@ def friendly_errors() -> Iterator[None]:
         st.error(str(exc), icon="⚠️")
 
 
+def succeeded(action) -> bool:
+    """Run ``action()``; on our error show its sentence and return False (so the
+    caller does not rerun the page and wipe the message), else True."""
+    try:
+        action()
+    except PersonalGptError as exc:
+        st.error(str(exc), icon="⚠️")
+        return False
+    return True
+
+
 def selected_gpt_id() -> str | None:
     value = st.query_params.get("gpt")
     return value or None

@@ -128,14 +128,17 @@ def _links(svc, me, gpt) -> None:
                    else "Make a new URL for this link? The old URL stops working at once.")
         yes, no = st.columns(2)
         if yes.button("Revoke link" if action == "revoke" else "Rotate link", type="primary", key="share-ask-yes"):
-            with glue.friendly_errors():
+            st.session_state.pop(f"share-ask-{gpt.id}", None)
+
+            def act() -> None:
                 if action == "revoke":
                     svc.revoke_share_link(me, link_id)
                 else:
                     link, token = svc.rotate_share_link(me, link_id)
                     st.session_state[f"share-new-{gpt.id}"] = (link.label, svc.share_url(token, base_url()))
-            st.session_state.pop(f"share-ask-{gpt.id}", None)
-            st.rerun()
+
+            if glue.succeeded(act):
+                st.rerun()
         if no.button("Cancel", key="share-ask-no"):
             st.session_state.pop(f"share-ask-{gpt.id}", None)
             st.rerun()
