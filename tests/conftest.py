@@ -95,8 +95,8 @@ def home(tmp_path, monkeypatch, model_cache) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     # hermetic sign-in settings: none, unless a test writes its own secrets file
-    no_auth = path / "secrets.toml"
-    no_auth.write_text("# no [auth]: sign-in not configured\n", encoding="utf-8")
+    no_auth = tmp_path / "no-sign-in-secrets.toml"
+    no_auth.write_text("# sign-in not configured in tests (no auth section)\n", encoding="utf-8")
     monkeypatch.setenv("PERSONAL_GPT_SECRETS", str(no_auth))
     return path
 

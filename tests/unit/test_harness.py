@@ -24,6 +24,8 @@ def test_home_is_isolated(home, model_cache):
     assert os.environ["PERSONAL_GPT_MODEL_CACHE"] == str(model_cache)
     assert "PERSONAL_GPT_DATABASE_URL" not in os.environ
     assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    # sign-in settings are the test's own (none by default), never the developer's ~/.streamlit/secrets.toml
+    assert "[auth]" not in Path(os.environ["PERSONAL_GPT_SECRETS"]).read_text()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -187,8 +187,12 @@ def test_the_limiter_forgets_after_its_window():
     assert small.retry_after("a") is None and small.retry_after("c") == 60  # memory stays bounded
 
 
-def test_no_token_in_the_logs(client, links, caplog):
+def test_no_token_in_the_logs(client, links, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
+    # an in-process uvicorn started by another test may have reconfigured its loggers (propagate off, disabled)
+    access = logging.getLogger("uvicorn.access")
+    monkeypatch.setattr(access, "propagate", True)
+    monkeypatch.setattr(access, "disabled", False)
     _, token = links["live"]
     tokens = [token, links["revoked"], links["expired"]]
     for t in tokens:
