@@ -35,14 +35,7 @@ with st.sidebar:
                 st.session_state[conv_key] = conv.id
                 st.rerun()
 
-head = st.columns([1, 12])
-if spec.avatar.startswith("data:"):
-    head[0].image(spec.avatar, width=56)
-else:
-    head[0].markdown(f"# {spec.avatar}")
-head[1].title(spec.name)
-if spec.description:
-    head[1].caption(spec.description)
+glue.gpt_header(spec.avatar, spec.name, spec.description)
 
 conv_id = st.session_state.get(conv_key)
 regen_key = f"regen-{gpt_id}"

@@ -57,14 +57,7 @@ with st.sidebar:
                     st.session_state[conv_key] = conv.id
                     st.rerun()
 
-head = st.columns([1, 12])
-if view.avatar.startswith("data:"):
-    head[0].image(view.avatar, width=56)
-else:
-    head[0].markdown(f"# {view.avatar or '🤖'}")
-head[1].title(view.name)
-if view.description:
-    head[1].caption(view.description)
+glue.gpt_header(view.avatar, view.name, view.description)
 
 conv_id = st.session_state.get(conv_key)
 messages = []

@@ -14,12 +14,10 @@ import tempfile
 from pathlib import Path
 
 from personal_gpt.errors import InvalidInput, ModelError
+from personal_gpt.models.adapters import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, unsafe_files  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 # what a clean peft adapter folder may carry besides its two files
 ADAPTER_EXTRAS = ("README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                   "chat_template.jinja", "generation_config.json")
@@ -34,7 +32,7 @@ def check_adapter_dir(path) -> None:
     if not folder.is_dir():
         raise InvalidInput(f"The adapter folder {folder} does not exist.")
     try:
-        unsafe = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        unsafe = unsafe_files(folder)
     except OSError as exc:
         raise InvalidInput(f"The adapter folder {folder} cannot be read ({exc.strerror or exc}).") from exc
     if unsafe:
@@ -126,7 +124,7 @@ def export_merged(base_dir, adapter_dir, dest) -> Path:
         for name in TOKENIZER_FILES:  # anything the tokenizer did not write itself (e.g. a generation config)
             if (base_dir / name).is_file() and not (tmp / name).exists():
                 shutil.copyfile(base_dir / name, tmp / name)
-        unsafe = sorted(p.name for p in tmp.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        unsafe = unsafe_files(tmp)
         if unsafe:
             raise ModelError("The merged model was not saved as safetensors; nothing was exported.")
         _publish(tmp, dest)

@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+
+
+def unsafe_files(folder: Path) -> list[str]:
+    """Names of pickle-format files anywhere under ``folder`` (we load safetensors only).
+    Raises OSError when the folder cannot be read."""
+    return sorted(p.name for p in Path(folder).rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
 MAX_LOADED = 16  # adapters kept in memory per base model; the least recently used idle one leaves first
 # options peft supports but a shared, mixed-batch server cannot (they change the base or need other inputs)
 UNSUPPORTED = {
@@ -58,7 +64,7 @@ def check_adapter(adapter: AdapterRef, base_names: set[str], model_name: str) ->
     if not folder.is_dir():
         raise ModelError(f"The fine-tuned version '{label}' cannot be found on this computer; train it again.")
     try:
-        unsafe = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        unsafe = unsafe_files(folder)
     except OSError as exc:
         raise ModelError(f"The fine-tuned version '{label}' cannot be read ({exc.strerror or exc}).") from exc
     if unsafe:

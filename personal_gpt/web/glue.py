@@ -183,6 +183,18 @@ def when(dt) -> str:
         return str(dt)
 
 
+def gpt_header(avatar: str, name: str, description: str) -> None:
+    """The GPT's avatar (emoji or image), name and one-line description atop a chat."""
+    head = st.columns([1, 12])
+    if avatar.startswith("data:"):
+        head[0].image(avatar, width=56)
+    else:
+        head[0].markdown(f"# {avatar or '🤖'}")
+    head[1].title(name)
+    if description:
+        head[1].caption(description)
+
+
 def show_sources(citations: list[dict]) -> None:
     """Where an answer came from: file and page, and the passage itself (as plain text)."""
     if not citations:
