@@ -389,6 +389,21 @@ def _use_fast_dropout(torch, model) -> int:
     return swapped
 
 
+def _store_frozen_linears_as(torch, model, dtype) -> int:
+    """Keep the frozen weights under LoRA in ``dtype``: autocast multiplies in that
+    dtype anyway, so the results are the same, without a fresh copy of every weight
+    each step (and without the fp32 originals: about half a GB less for 135M)."""
+    converted = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, torch.nn.Linear) and not base.weight.requires_grad and base.weight.dtype != dtype:
+            base.weight.data = base.weight.data.to(dtype)
+            if base.bias is not None and not base.bias.requires_grad:
+                base.bias.data = base.bias.data.to(dtype)
+            converted += 1
+    return converted
+
+
 # --- the forward pass ----------------------------------------------------------------------
 
 class _Runner:
@@ -434,21 +449,12 @@ class _Runner:
                 return self._loss_full(batch)
             prefix = self._shared_prefix(batch) if share_prefix and self.cache_arg else 0
             longest = max(len(e.ids) for e in batch)
-            rows = [e.ids[prefix:] + [self.pad_id] * (longest - len(e.ids)) for e in batch]
-            ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-            if prefix:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=self.config)
-                head_ids = torch.tensor([batch[0].ids[:prefix]], dtype=torch.long, device=self.device)
-                self.body(input_ids=head_ids, use_cache=True, **{self.cache_arg: cache})
-                for layer in cache.layers:
-                    layer.keys = layer.keys.expand(len(batch), -1, -1, -1)
-                    layer.values = layer.values.expand(len(batch), -1, -1, -1)
-                positions = torch.arange(prefix, longest, device=self.device).unsqueeze(0)
-                hidden = self.body(input_ids=ids, position_ids=positions, use_cache=True,
-                                   **{self.cache_arg: cache}).last_hidden_state
-            else:
+            hidden = self._prefixed_hidden(batch, prefix, longest) if prefix else None
+            if hidden is None:
+                prefix = 0
+                rows = [e.ids + [self.pad_id] * (longest - len(e.ids)) for e in batch]
+                ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+                # right padding needs no mask: causal attention never lets a real token see a later pad
                 hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state
             # answer token t is predicted from the hidden state at t - 1
             rows_idx, cols_idx, targets = [], [], []
@@ -463,6 +469,32 @@ class _Runner:
         target = torch.tensor(targets, dtype=torch.long, device=self.device)
         loss = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
         return loss, len(targets)
+
+    def _prefixed_hidden(self, batch: list[_Encoded], prefix: int, longest: int):
+        """Hidden states of positions ``prefix``.. of every row, the shared prefix
+        run once (batch 1) and its keys/values broadcast to the batch; gradients
+        flow back through the broadcast. None for a cache this does not know."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        head_ids = torch.tensor([batch[0].ids[:prefix]], dtype=torch.long, device=self.device)
+        self.body(input_ids=head_ids, use_cache=True, **{self.cache_arg: cache})
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(torch.is_tensor(getattr(layer, "keys", None))
+                                 and torch.is_tensor(getattr(layer, "values", None))
+                                 and layer.keys.shape[-2] == prefix for layer in layers):
+            log.info("this model's cache cannot be shared across a batch; running whole rows")
+            self.cache_arg = None
+            return None
+        for layer in layers:
+            layer.keys = layer.keys.expand(len(batch), -1, -1, -1)
+            layer.values = layer.values.expand(len(batch), -1, -1, -1)
+        rows = [e.ids[prefix:] + [self.pad_id] * (longest - len(e.ids)) for e in batch]
+        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        positions = torch.arange(prefix, longest, device=self.device).unsqueeze(0)
+        return self.body(input_ids=ids, position_ids=positions, use_cache=True,
+                         **{self.cache_arg: cache}).last_hidden_state
 
     def _shared_prefix(self, batch: list[_Encoded]) -> int:
         if len(batch) < 2:
@@ -720,145 +752,151 @@ def train_lora(
     import torch
 
     pinned = threads if threads > 0 else _configured_threads()
+    previous_threads = torch.get_num_threads()
     governor = _ThreadGovernor(torch, pinned or _cpu_count(), adaptive=not pinned)
-    device, autocast_dtype, weights_dtype = _choose_device(torch, precision)
-    tokenizer, model = _load(torch, base_dir, device, weights_dtype)
-    train_enc = [e for e in (encode_example(tokenizer, m, settings.max_length) for m in train) if e is not None]
-    eval_enc = [e for e in (encode_example(tokenizer, m, settings.max_length) for m in eval) if e is not None]
-    if not train_enc:
-        raise InvalidInput("No training example has an answer left within the maximum length; raise the maximum "
-                           "length or shorten the prompts.")
-
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(settings.seed)
-    lora = LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.dropout,
-                      target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none")
     try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        raise InvalidInput("The target modules do not name layers of this model; use \"all-linear\".") from exc
-    if device.type == "cpu":
-        _use_fast_dropout(torch, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    runner = _Runner(torch, model, device, autocast_dtype, pad_id)
-    eval_batch = max(settings.batch_size, 16)
+        device, autocast_dtype, weights_dtype = _choose_device(torch, precision)
+        tokenizer, model = _load(torch, base_dir, device, weights_dtype)
+        train_enc = [e for e in (encode_example(tokenizer, m, settings.max_length) for m in train) if e is not None]
+        eval_enc = [e for e in (encode_example(tokenizer, m, settings.max_length) for m in eval) if e is not None]
+        if not train_enc:
+            raise InvalidInput("No training example has an answer left within the maximum length; raise the maximum "
+                               "length or shorten the prompts.")
 
-    lengths = [len(e.ids) for e in train_enc]
-    plan = plan_batches(lengths, settings.batch_size, settings.epochs, settings.seed)
-    total = len(plan)
-    epoch_steps = [sum(1 for e, _ in plan if e == k) for k in range(settings.epochs)]
-    epoch_start = [sum(epoch_steps[:k]) for k in range(settings.epochs)]
-    ckpt_root = work_dir / CHECKPOINTS
-    state = {"history": [], "train_tokens": 0, "train_seconds": 0.0, "eval_loss_before": None,
-             "order": [b for _, b in plan]}
-    resumed_from = 0
-    for path in _list_checkpoints(ckpt_root):
-        saved = _read_checkpoint(path, fp)
-        if saved is None or saved.get("order") != state["order"]:
-            continue
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(settings.seed)
+        lora = LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.dropout,
+                          target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none")
         try:
-            _load_checkpoint(torch, path, model, optimizer, device)
-        except Exception:  # noqa: BLE001 - a damaged checkpoint: try the one before it
-            log.warning("checkpoint %s cannot be loaded; trying an older one", path, exc_info=True)
-            continue
-        state.update({k: saved[k] for k in ("history", "train_tokens", "train_seconds", "eval_loss_before")})
-        resumed_from = int(saved["step"])
-        log.info("resuming %s from step %d", work_dir, resumed_from)
-        break
+            model = get_peft_model(model, lora)
+        except ValueError as exc:
+            raise InvalidInput("The target modules do not name layers of this model; use \"all-linear\".") from exc
+        if device.type == "cpu":
+            _use_fast_dropout(torch, model)
+            if autocast_dtype is not None:
+                _store_frozen_linears_as(torch, model, autocast_dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        runner = _Runner(torch, model, device, autocast_dtype, pad_id)
+        eval_batch = max(settings.batch_size, 16)
 
-    def report(phase: str, step: int, **extra) -> None:
-        progress({"phase": phase, "step": step, "total_steps": total, "resumed_from_step": resumed_from, **extra})
+        lengths = [len(e.ids) for e in train_enc]
+        plan = plan_batches(lengths, settings.batch_size, settings.epochs, settings.seed)
+        total = len(plan)
+        epoch_steps = [sum(1 for e, _ in plan if e == k) for k in range(settings.epochs)]
+        epoch_start = [sum(epoch_steps[:k]) for k in range(settings.epochs)]
+        ckpt_root = work_dir / CHECKPOINTS
+        state = {"history": [], "train_tokens": 0, "train_seconds": 0.0, "eval_loss_before": None,
+                 "order": [b for _, b in plan]}
+        resumed_from = 0
+        for path in _list_checkpoints(ckpt_root):
+            saved = _read_checkpoint(path, fp)
+            if saved is None or saved.get("order") != state["order"]:
+                continue
+            try:
+                _load_checkpoint(torch, path, model, optimizer, device)
+            except Exception:  # noqa: BLE001 - a damaged checkpoint: try the one before it
+                log.warning("checkpoint %s cannot be loaded; trying an older one", path, exc_info=True)
+                continue
+            state.update({k: saved[k] for k in ("history", "train_tokens", "train_seconds", "eval_loss_before")})
+            resumed_from = int(saved["step"])
+            log.info("resuming %s from step %d", work_dir, resumed_from)
+            break
 
-    if resumed_from == 0:
-        report("eval-before", 0, epoch=0.0)
-        before = _eval_loss(runner, eval_enc, eval_batch, stop, adapter=False)
-        state["eval_loss_before"] = before
-        if before is not None:
-            state["history"].append({"step": 0, "eval_loss": before})
-        report("eval-before", 0, epoch=0.0, eval_loss=before, perplexity=_perplexity(before))
+        def report(phase: str, step: int, **extra) -> None:
+            progress({"phase": phase, "step": step, "total_steps": total, "resumed_from_step": resumed_from, **extra})
 
-    model.train()
-    session_tokens, session_start = 0, time.monotonic()
-    for step in range(resumed_from, total):
-        if stop():
-            raise Cancelled()
-        epoch, indices = plan[step]
-        batch = [train_enc[i] for i in indices]
-        lr = _learning_rate(step, total, settings.learning_rate)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.monotonic()
-        n_labels = max(1, sum(len(e.ids) - e.n_prompt for e in batch))
-        loss_total = 0.0
-        for chunk in micro_batches(batch, runner.budget):
-            loss_sum, _ = runner.loss(chunk)
-            (loss_sum / n_labels).backward()
-            loss_total += float(loss_sum.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss = loss_total / n_labels
-        if not math.isfinite(train_loss):
-            raise ModelError("The training became unstable (the loss is not a number); lower the learning rate.")
-        tokens = sum(len(e.ids) for e in batch)
-        state["train_tokens"] += tokens
-        took = time.monotonic() - t0
-        state["train_seconds"] += took
-        governor.after_step(step + 1 - resumed_from, took, tokens)
-        session_tokens += tokens
-        state["history"].append({"step": step + 1, "train_loss": round(train_loss, 5)})
-        elapsed = time.monotonic() - session_start
-        per_step = elapsed / (step + 1 - resumed_from)
-        report("train", step + 1, epoch=round(epoch + (step + 1 - epoch_start[epoch]) / epoch_steps[epoch], 4),
-               train_loss=train_loss, loss=train_loss, learning_rate=lr, grad_norm=grad_norm,
-               tokens=state["train_tokens"], tokens_per_s=round(session_tokens / max(elapsed, 1e-9), 1),
-               eta_s=round(per_step * (total - step - 1), 1))
-        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < total:
+        if resumed_from == 0:
+            report("eval-before", 0, epoch=0.0)
+            before = _eval_loss(runner, eval_enc, eval_batch, stop, adapter=False)
+            state["eval_loss_before"] = before
+            if before is not None:
+                state["history"].append({"step": 0, "eval_loss": before})
+            report("eval-before", 0, epoch=0.0, eval_loss=before, perplexity=_perplexity(before))
+
+        model.train()
+        session_tokens, session_start = 0, time.monotonic()
+        for step in range(resumed_from, total):
             if stop():
                 raise Cancelled()
-            _write_checkpoint(torch, ckpt_root, step + 1, model, optimizer, state, fp)
+            epoch, indices = plan[step]
+            batch = [train_enc[i] for i in indices]
+            lr = _learning_rate(step, total, settings.learning_rate)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.monotonic()
+            n_labels = max(1, sum(len(e.ids) - e.n_prompt for e in batch))
+            loss_total = 0.0
+            for chunk in micro_batches(batch, runner.budget):
+                loss_sum, _ = runner.loss(chunk)
+                (loss_sum / n_labels).backward()
+                loss_total += float(loss_sum.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_loss = loss_total / n_labels
+            if not math.isfinite(train_loss):
+                raise ModelError("The training became unstable (the loss is not a number); lower the learning rate.")
+            tokens = sum(len(e.ids) for e in batch)
+            state["train_tokens"] += tokens
+            took = time.monotonic() - t0
+            state["train_seconds"] += took
+            governor.after_step(step + 1 - resumed_from, took, tokens)
+            session_tokens += tokens
+            state["history"].append({"step": step + 1, "train_loss": round(train_loss, 5)})
+            elapsed = time.monotonic() - session_start
+            per_step = elapsed / (step + 1 - resumed_from)
+            report("train", step + 1, epoch=round(epoch + (step + 1 - epoch_start[epoch]) / epoch_steps[epoch], 4),
+                   train_loss=train_loss, loss=train_loss, learning_rate=lr, grad_norm=grad_norm,
+                   tokens=state["train_tokens"], tokens_per_s=round(session_tokens / max(elapsed, 1e-9), 1),
+                   eta_s=round(per_step * (total - step - 1), 1))
+            if (step + 1) % settings.checkpoint_every == 0 and step + 1 < total:
+                if stop():
+                    raise Cancelled()
+                _write_checkpoint(torch, ckpt_root, step + 1, model, optimizer, state, fp)
 
-    if stop():
-        raise Cancelled()
-    report("eval-after", total, epoch=float(settings.epochs))
-    after = _eval_loss(runner, eval_enc, eval_batch, stop, adapter=True)
-    if after is not None:
-        if state["history"] and state["history"][-1].get("step") == total:
-            state["history"][-1]["eval_loss"] = after
-        else:
-            state["history"].append({"step": total, "eval_loss": after})
-    report("eval-after", total, epoch=float(settings.epochs), eval_loss=after, perplexity=_perplexity(after))
+        if stop():
+            raise Cancelled()
+        report("eval-after", total, epoch=float(settings.epochs))
+        after = _eval_loss(runner, eval_enc, eval_batch, stop, adapter=True)
+        if after is not None:
+            if state["history"] and state["history"][-1].get("step") == total:
+                state["history"][-1]["eval_loss"] = after
+            else:
+                state["history"].append({"step": total, "eval_loss": after})
+        report("eval-after", total, epoch=float(settings.epochs), eval_loss=after, perplexity=_perplexity(after))
 
-    if stop():
-        raise Cancelled()
-    report("saving", total, epoch=float(settings.epochs))
-    metrics = {
-        "eval_loss_before": _round(state["eval_loss_before"]),
-        "eval_loss_after": _round(after),
-        "perplexity_before": _round(_perplexity(state["eval_loss_before"])),
-        "perplexity_after": _round(_perplexity(after)),
-        "train_tokens": state["train_tokens"],
-        "train_seconds": round(state["train_seconds"], 2),
-        "tokens_per_s": round(state["train_tokens"] / max(state["train_seconds"], 1e-9), 1),
-        "steps": total,
-        "resumed_from_step": resumed_from,
-        "device": device.type,
-        "dtype": "bfloat16" if autocast_dtype is not None else "float32",
-        "peak_memory_mb": _peak_memory_mb(torch, device),
-        "history": state["history"],
-        "examples": len(train_enc),
-        "eval_examples": len(eval_enc),
-        "skipped_examples": len(train) - len(train_enc) + len(eval) - len(eval_enc),
-        "wall_seconds": round(time.monotonic() - started, 2),
-        "threads": governor.full,
-    }
-    adapter_dir = _publish_adapter(model, work_dir, base_name)
-    _write_json(work_dir / RESULT_FILE, {"fingerprint": fp, "metrics": metrics})
-    shutil.rmtree(ckpt_root, ignore_errors=True)  # the adapter and result.json replace them
-    return TrainResult(adapter_dir=adapter_dir, metrics=metrics)
+        if stop():
+            raise Cancelled()
+        report("saving", total, epoch=float(settings.epochs))
+        metrics = {
+            "eval_loss_before": _round(state["eval_loss_before"]),
+            "eval_loss_after": _round(after),
+            "perplexity_before": _round(_perplexity(state["eval_loss_before"])),
+            "perplexity_after": _round(_perplexity(after)),
+            "train_tokens": state["train_tokens"],
+            "train_seconds": round(state["train_seconds"], 2),
+            "tokens_per_s": round(state["train_tokens"] / max(state["train_seconds"], 1e-9), 1),
+            "steps": total,
+            "resumed_from_step": resumed_from,
+            "device": device.type,
+            "dtype": "bfloat16" if autocast_dtype is not None else "float32",
+            "peak_memory_mb": _peak_memory_mb(torch, device),
+            "history": state["history"],
+            "examples": len(train_enc),
+            "eval_examples": len(eval_enc),
+            "skipped_examples": len(train) - len(train_enc) + len(eval) - len(eval_enc),
+            "wall_seconds": round(time.monotonic() - started, 2),
+            "threads": governor.full,
+        }
+        adapter_dir = _publish_adapter(model, work_dir, base_name)
+        _write_json(work_dir / RESULT_FILE, {"fingerprint": fp, "metrics": metrics})
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the adapter and result.json replace them
+        return TrainResult(adapter_dir=adapter_dir, metrics=metrics)
+    finally:
+        torch.set_num_threads(previous_threads)  # the governor changed a process-wide setting
 
 
 def _perplexity(loss: float | None) -> float | None:
