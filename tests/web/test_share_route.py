@@ -189,10 +189,12 @@ def test_the_limiter_forgets_after_its_window():
 
 def test_no_token_in_the_logs(client, links, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
-    # an in-process uvicorn started by another test may have reconfigured its loggers (propagate off, disabled)
+    # an in-process uvicorn (or Streamlit) set up by another test may have reconfigured this logger:
+    # propagation off, disabled, or a higher level
     access = logging.getLogger("uvicorn.access")
     monkeypatch.setattr(access, "propagate", True)
     monkeypatch.setattr(access, "disabled", False)
+    caplog.set_level(logging.DEBUG, logger="uvicorn.access")
     _, token = links["live"]
     tokens = [token, links["revoked"], links["expired"]]
     for t in tokens:
