@@ -11,7 +11,9 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from personal_gpt.errors import InvalidInput, ModelError
 from personal_gpt.models.adapters import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, unsafe_files  # noqa: F401
@@ -73,24 +75,32 @@ def _publish(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)  # onto nothing or an empty folder: one atomic rename on POSIX
 
 
+@contextmanager
+def _staged(dest: Path, what: str) -> Iterator[Path]:
+    """A temporary folder beside ``dest`` to write into; published to ``dest`` when
+    the block ends, removed on any error (a disk error becomes one sentence)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        _publish(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InvalidInput(f"{what} could not be written to {dest} ({exc.strerror or exc}).") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_adapter(adapter_dir, dest) -> Path:
     """Copy the adapter in ``adapter_dir`` (its config, weights and tokenizer or
     card files, nothing else) to ``dest``, which must not exist or be empty."""
     check_adapter_dir(adapter_dir)
     source = Path(adapter_dir)
     dest = _empty_destination(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with _staged(dest, "The adapter") as tmp:
         for name in (CONFIG_FILE, WEIGHTS_FILE, *ADAPTER_EXTRAS):
             if (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
-        _publish(tmp, dest)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise InvalidInput(f"The adapter could not be written to {dest} ({exc.strerror or exc}).") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -117,21 +127,12 @@ def export_merged(base_dir, adapter_dir, dest) -> Path:
     except Exception as exc:  # noqa: BLE001 - a damaged or mismatched adapter
         log.exception("cannot merge %s into %s", adapter_dir, base_dir)
         raise ModelError("The adapter does not fit its base model, so it cannot be merged.") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with _staged(dest, "The merged model") as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         for name in TOKENIZER_FILES:  # anything the tokenizer did not write itself (e.g. a generation config)
             if (base_dir / name).is_file() and not (tmp / name).exists():
                 shutil.copyfile(base_dir / name, tmp / name)
-        unsafe = unsafe_files(tmp)
-        if unsafe:
+        if unsafe_files(tmp):
             raise ModelError("The merged model was not saved as safetensors; nothing was exported.")
-        _publish(tmp, dest)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise InvalidInput(f"The merged model could not be written to {dest} ({exc.strerror or exc}).") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

@@ -28,21 +28,12 @@ from personal_gpt.models.base import AdapterRef, ChatModel, Usage  # noqa: E402
 from personal_gpt.models.bundled import BUNDLED_ID, ensure_bundled_model  # noqa: E402
 from personal_gpt.models.local import LocalModel  # noqa: E402
 from personal_gpt.models.registry import ModelRegistry  # noqa: E402
+from tests.support.prompts import GARDEN_INSTRUCTIONS, user  # noqa: E402
 
 BUNDLED_REF = f"bundled:{BUNDLED_ID}"
 MAX_NEW = 12
 GREEDY = GenerationSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=MAX_NEW)
-INSTRUCTIONS = (
-    "You are Garden Helper, a friendly assistant for a community garden. Answer in plain words, "
-    "start with the direct answer, then give short steps. Prefer cheap organic methods such as compost, "
-    "mulch, companion planting and hand-picking pests. Never recommend chemical pesticides. Give months "
-    "for a mild, wet climate where the last frost is in mid-April. If a plant might be poisonous, say so."
-)
-
-
-def user(text: str, system: str | None = None) -> list[dict]:
-    messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": text}]
+INSTRUCTIONS = GARDEN_INSTRUCTIONS
 
 
 QUESTION = user("Give me one tip for growing tomatoes.")
