@@ -57,3 +57,29 @@ class StoreError(PersonalGptError):
 
     status = 500
     code = "store_error"
+
+
+class TooLarge(InvalidInput):
+    """A request, message or conversation over its size limit."""
+
+    status = 413
+    code = "too_large"
+
+
+class RateLimited(PersonalGptError):
+    """Too many messages: per visitor (minute, day) or per GPT (day).
+    ``retry_after`` is the number of seconds until the next message is allowed."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int = 60):
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+
+
+class Unauthorized(PersonalGptError):
+    """No credentials, or credentials we do not recognise (a missing or revoked API key)."""
+
+    status = 401
+    code = "unauthorized"

@@ -62,6 +62,12 @@ conversations = sa.Table(
         "share_link_id", sa.String(40), sa.ForeignKey("share_links.id", ondelete="SET NULL", name="fk_conversations_share_link"),
         index=True,
     ),
+    # 0004: where a widget or API conversation came from
+    sa.Column("site", sa.String(300)),  # the embedding page's origin, e.g. https://www.example.com
+    sa.Column(
+        "api_key_id", sa.String(40), sa.ForeignKey("api_keys.id", ondelete="SET NULL", name="fk_conversations_api_key"),
+        index=True,
+    ),
 )
 
 messages = sa.Table(
@@ -74,7 +80,7 @@ messages = sa.Table(
     sa.Column("role", sa.String(20), nullable=False),
     sa.Column("content", sa.Text, nullable=False),
     sa.Column("meta", sa.JSON, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),  # index: 0004 (rate limits)
 )
 
 providers = sa.Table(
@@ -214,4 +220,34 @@ login_states = sa.Table(
     sa.Column("code_verifier", sa.String(200), nullable=False),
     sa.Column("return_link_id", sa.String(40)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+# -- embed widget, HTTP API keys (0004) --------------------------------------------
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("gpt_id", sa.String(40), sa.ForeignKey("gpts.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("name", sa.String(100), nullable=False, server_default=""),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),  # SHA-256 hex; the key itself is shown once
+    sa.Column("hint", sa.String(20), nullable=False, server_default=""),  # e.g. the last 4 characters, for lists
+    sa.Column("uses", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_used_at", sa.DateTime(timezone=True)),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+)
+
+embed_settings = sa.Table(
+    "embed_settings",
+    metadata,
+    sa.Column("gpt_id", sa.String(40), sa.ForeignKey("gpts.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("allowed_sites", sa.JSON, nullable=False),  # empty list = the embed is off
+    sa.Column("policy", sa.String(20), nullable=False, server_default="public"),  # "public" | "signin"
+    sa.Column("allowed_emails", sa.JSON, nullable=False),
+    sa.Column("allowed_domains", sa.JSON, nullable=False),
+    sa.Column("theme", sa.JSON, nullable=False),  # colour, title, greeting, avatar, position, open on load
+    sa.Column("limits", sa.JSON, nullable=False),  # rate and size limits for widget and API visitors
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
