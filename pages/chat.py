@@ -30,7 +30,7 @@ with st.sidebar:
         for conv in past[:30]:
             label = conv.title or "(empty)"
             current = st.session_state.get(conv_key) == conv.id
-            if st.button(label[:40], key=f"conv-{conv.id}", width="stretch", type="primary" if current else "secondary",
+            if st.button(glue.plain(label[:40]), key=f"conv-{conv.id}", width="stretch", type="primary" if current else "secondary",
                          help=glue.when(conv.updated_at)):
                 st.session_state[conv_key] = conv.id
                 st.rerun()
@@ -52,7 +52,7 @@ pending = None
 if not messages and spec.starters:
     cols = st.columns(min(len(spec.starters), 4))
     for i, s in enumerate(spec.starters):
-        if cols[i % len(cols)].button(s, key=f"starter-{i}", width="stretch"):
+        if cols[i % len(cols)].button(glue.plain(s), key=f"starter-{i}", width="stretch"):
             pending = s
 
 if not regenerating and messages and messages[-1].role == "assistant":
@@ -67,7 +67,7 @@ if regenerating:
         with st.spinner("Answering again…"):
             reply = svc.regenerate(me, conv_id)
         with st.chat_message("assistant", avatar=glue.avatar_for(spec.avatar)):
-            st.write_stream(reply.pieces)
+            glue.stream_markdown(reply.pieces)
         st.rerun()
     except glue.PersonalGptError as exc:
         st.error(str(exc), icon="⚠️")

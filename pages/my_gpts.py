@@ -67,7 +67,7 @@ with glue.friendly_errors():
                     head[0].image(g.avatar, width=40)
                 else:
                     head[0].markdown(f"## {g.avatar}")
-                head[1].markdown(f"**{g.name}**")
+                head[1].markdown(f"**{glue.plain(g.name)}**")
                 if g.is_published:
                     state = f"Published v{g.published_version}"
                     if g.has_unpublished_changes:
@@ -75,7 +75,7 @@ with glue.friendly_errors():
                     head[1].caption(f":green[●] {state}")
                 else:
                     head[1].caption(f":orange[●] Draft v{g.latest_version} — not published")
-                st.caption(g.description or "No description yet.")
+                st.caption(glue.for_streamlit(g.description) or "No description yet.")
                 b1, b2 = st.columns(2)
                 if b1.button("Edit", key=f"edit-{g.id}", icon="🛠️", width="stretch"):
                     st.switch_page("pages/builder.py", query_params={"gpt": g.id})

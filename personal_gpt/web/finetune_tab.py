@@ -150,12 +150,12 @@ def _adapters(svc, me, gpt) -> None:
                         prompt = s.get("prompt")
                         if isinstance(prompt, list):
                             prompt = next((x["content"] for x in reversed(prompt) if x.get("role") == "user"), "")
-                        st.markdown(f"**Q:** {prompt}")
+                        st.markdown(f"**Q:** {glue.for_streamlit(prompt or '')}")
                         a, b = st.columns(2)
                         a.caption("Base model")
-                        a.markdown(s.get("base", ""))
+                        a.markdown(glue.for_streamlit(s.get("base", "")))
                         b.caption(f"Tuned version {v.number}")
-                        b.markdown(s.get("tuned", ""))
+                        b.markdown(glue.for_streamlit(s.get("tuned", "")))
                         st.divider()
             if c[2].button("Export", key=f"ft-exp-{v.number}", width="stretch"):
                 st.session_state[f"ft-exp-{gpt.id}"] = v.number

@@ -12,6 +12,7 @@ import streamlit as st
 
 from personal_gpt.auth import Principal
 from personal_gpt.errors import PersonalGptError  # noqa: F401 (pages use glue.PersonalGptError)
+from personal_gpt.markdown_safe import for_streamlit, plain  # noqa: F401 (pages use glue.plain)
 
 
 _services = None
@@ -190,27 +191,32 @@ def gpt_header(avatar: str, name: str, description: str) -> None:
         head[0].image(avatar, width=56)
     else:
         head[0].markdown(f"# {avatar or '🤖'}")
-    head[1].title(name)
+    head[1].title(plain(name))
     if description:
-        head[1].caption(description)
+        head[1].caption(for_streamlit(description))
 
 
 def show_sources(citations: list[dict]) -> None:
-    """Where an answer came from: file and page, and the passage itself (as plain text)."""
+    """Where an answer came from: file and page, the evidence sentence, then the
+    passage it sits in (all as plain text: knowledge files are untrusted)."""
     if not citations:
         return
     with st.expander(f"Sources ({len(citations)})"):
         for c in citations:
             where = c.get("file", "") + (f", page {c['page']}" if c.get("page") else "")
             st.caption(f"[{c.get('n')}] {where}")
-            st.text(c.get("text", ""))
+            sentence, passage = c.get("text", ""), c.get("passage")
+            st.text(f"“{sentence}”" if passage and sentence != passage else sentence)
+            if passage and sentence != passage:
+                st.caption("In the passage:")
+                st.text(passage)
 
 
 def show_messages(messages, avatar: str) -> None:
-    """Past turns. Text goes through st.markdown, which never renders raw HTML."""
+    """Past turns as safe Markdown (markdown_safe.for_streamlit; st.markdown shows raw HTML as text)."""
     for m in messages:
         with st.chat_message(m.role, avatar=avatar_for(avatar) if m.role == "assistant" else None):
-            st.markdown(m.content)
+            st.markdown(for_streamlit(m.content))
             if m.role == "assistant":
                 meta = m.meta or {}
                 if meta.get("finish_reason") == "cancelled":
@@ -225,7 +231,7 @@ def stream_turn(send, message: str, avatar: str) -> bool:
     sentence instead.
     """
     with st.chat_message("user"):
-        st.markdown(message)
+        st.markdown(for_streamlit(message))
     try:
         with st.spinner("Thinking… (the first answer also loads the model)"):
             reply = send(message)
@@ -234,12 +240,39 @@ def stream_turn(send, message: str, avatar: str) -> bool:
         return False
     with st.chat_message("assistant", avatar=avatar_for(avatar)):
         try:
-            st.write_stream(reply.pieces)
+            stream_markdown(reply.pieces)
         except PersonalGptError as exc:
             st.error(str(exc), icon="⚠️")
             return False
         show_sources(reply.citations)
     return True
+
+
+def stream_markdown(pieces: Iterator[str], every_s: float = 0.05) -> str:
+    """``st.write_stream`` for model output, made safe: the text so far is shown through
+    ``for_streamlit`` (write_stream would render the raw text as Markdown), redrawn at most
+    every ``every_s`` seconds (less often for long answers: never more than a third of the
+    time goes to redrawing). A stop (Streamlit ends the script at a redraw) closes the
+    stream, so the chat path saves the partial answer as cancelled. Returns the text."""
+    import time
+
+    box = st.empty()
+    text, shown, drawn, wait = "", "", 0.0, every_s
+    try:
+        for piece in pieces:
+            text += piece
+            if time.monotonic() - drawn >= wait:
+                started = time.monotonic()
+                box.markdown(for_streamlit(text))
+                shown, drawn = text, time.monotonic()
+                wait = max(every_s, 2 * (drawn - started))
+        if text != shown:
+            box.markdown(for_streamlit(text))
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+    return text
 
 
 def pick_gpt(title: str, gpts, label: str, empty: str, empty_icon: str) -> None:

@@ -8,12 +8,8 @@ is never logged. Services are reached lazily through ``glue`` (no torch here).
 from __future__ import annotations
 
 import logging
-import math
 import secrets
-import threading
-import time
-from collections import OrderedDict, deque
-from typing import Callable, Mapping
+from typing import Mapping
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -22,6 +18,7 @@ from starlette.routing import Route
 
 from personal_gpt.sharing import hash_token, looks_like_token, redact_tokens
 from personal_gpt.web.cookies import sign, unsign
+from personal_gpt.web.ratelimit import WindowLimiter
 
 log = logging.getLogger(__name__)
 
@@ -61,48 +58,13 @@ TOO_MANY_PAGE = _page("Too many tries", "Please wait a minute, then open your li
 TROUBLE_PAGE = _page("Something went wrong on our side", "Please try your link again in a minute.")
 
 
-class FailureLimiter:
+class FailureLimiter(WindowLimiter):
     """At most ``limit`` failed link opens per client in any ``window`` seconds; past
     that every request from the client is refused until the window frees up.
     In memory, per process; the oldest clients are forgotten beyond ``max_clients``."""
 
-    def __init__(self, limit: int = 10, window: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 max_clients: int = 10_000):
-        self.limit, self.window, self.clock, self.max_clients = limit, window, clock, max_clients
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _recent(self, key: str, now: float) -> deque[float] | None:
-        times = self._failures.get(key)
-        if times is None:
-            return None
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return None
-        return times
-
-    def retry_after(self, key: str) -> int | None:
-        """Seconds until ``key`` may try again, or None when it may now."""
-        with self._lock:
-            now = self.clock()
-            times = self._recent(key, now)
-            if times is None or len(times) < self.limit:
-                return None
-            return max(1, math.ceil(times[-self.limit] + self.window - now))
-
     def failed(self, key: str) -> None:
-        with self._lock:
-            now = self.clock()
-            times = self._recent(key, now) or deque()
-            times.append(now)
-            while len(times) > self.limit:
-                times.popleft()
-            self._failures[key] = times
-            self._failures.move_to_end(key)
-            while len(self._failures) > self.max_clients:
-                self._failures.popitem(last=False)
+        self.hit(key)
 
 
 def _client(request: Request) -> str:

@@ -39,7 +39,7 @@ def test_create_publish_and_chat_with_streamed_answer(live_server, page):
     instructions = page.get_by_role("textbox", name="Instructions", exact=True)
     expect(instructions).to_have_value(re.compile("Bloom & Branch"))
     page.get_by_role("button", name="Publish").click()
-    expect(page.get_by_text(re.compile(r"Published v\d"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"Published v\d")).first).to_be_visible()
 
     page.get_by_role("button", name="Open chat").click()
     expect(page).to_have_url(re.compile(r"/chat\?gpt=gpt_"))
