@@ -250,8 +250,10 @@ def visitor_email(raw: str | None) -> str | None:
     return _email_or_none(raw) if isinstance(raw, str) else None
 
 
-def _items(values: str | Iterable[str] | None) -> list[str]:
-    """A list from a list, or from one text (commas, spaces or new lines between items)."""
+def split_items(values: str | Iterable[str] | None,
+                not_text: str = "E-mail addresses and domains must be text.") -> list[str]:
+    """A list from a list, or from one text (commas, semicolons, spaces or new lines between
+    items); ``not_text`` is the sentence for an item that is not a string."""
     if values is None:
         return []
     if isinstance(values, str):
@@ -259,14 +261,14 @@ def _items(values: str | Iterable[str] | None) -> list[str]:
     out: list[str] = []
     for value in values:
         if not isinstance(value, str):
-            raise InvalidInput("E-mail addresses and domains must be text.")
+            raise InvalidInput(not_text)
         out += [part for part in re.split(r"[\s,;]+", value) if part]
     return out
 
 
 def normalise_emails(values: str | Iterable[str] | None) -> tuple[str, ...]:
     out: dict[str, None] = {}
-    for raw in _items(values):
+    for raw in split_items(values):
         email = _email_or_none(raw)
         if email is None:
             raise InvalidInput(f"'{_short(raw)}' is not an e-mail address, e.g. name@example.com.")
@@ -278,7 +280,7 @@ def normalise_emails(values: str | Iterable[str] | None) -> tuple[str, ...]:
 
 def normalise_domains(values: str | Iterable[str] | None) -> tuple[str, ...]:
     out: dict[str, None] = {}
-    for raw in _items(values):
+    for raw in split_items(values):
         value = raw.strip()
         if "*" in value:
             raise InvalidInput(

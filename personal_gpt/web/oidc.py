@@ -402,7 +402,12 @@ def _load_config() -> AuthConfig | None:
 def _return_link_id(request: Request) -> str | None:
     """The share link the visitor came through: only from the signed ``pgpt_link``
     cookie the share route sets (checked by ``share_routes.shared_link_id``), never
-    from the URL."""
+    from the URL. An embed sign-in popup's signed return cookie wins (``emb_<hex>``)."""
+    from personal_gpt.web.embed_routes import return_ref
+
+    embed = return_ref(request.cookies)
+    if embed is not None:
+        return embed
     if not request.cookies.get(LINK_COOKIE):
         return None
     try:
@@ -528,7 +533,9 @@ def auth_routes(services: Callable[[], Any] | Any | None = None) -> list[Route]:
             token = await run_in_threadpool(svc.sign_in, claims, provider.name)
         except PersonalGptError as exc:
             return _problem(exc, config)
-        target = SHARED_PATH if login_state.return_link_id else "/"
+        from personal_gpt.web.embed_routes import return_path
+
+        target = return_path(login_state.return_link_id) or (SHARED_PATH if login_state.return_link_id else "/")
         response = RedirectResponse(_site_path(config, target), status_code=303, headers=_SECURITY_HEADERS)
         _set_cookie(response, config, SESSION_COOKIE, token, int(config.session_max_age.total_seconds()))
         return response
