@@ -17,7 +17,12 @@ async def health(request: Request) -> JSONResponse:
 
 
 def routes() -> list[Route]:
+    from personal_gpt.web.api import api_routes
+    from personal_gpt.web.embed_routes import embed_routes
     from personal_gpt.web.oidc import auth_routes
     from personal_gpt.web.share_routes import share_routes
 
-    return [Route("/api/health", health, methods=["GET"]), *share_routes(), *auth_routes()]
+    return [
+        Route("/api/health", health, methods=["GET"]), *share_routes(), *auth_routes(), *api_routes(),
+        *embed_routes(),
+    ]

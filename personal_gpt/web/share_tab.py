@@ -51,6 +51,14 @@ def render(svc, me, gpt) -> None:
                    "only once (rotate the link to get a new one).", icon="🔗")
         st.code(url, language=None)
     _links(svc, me, gpt)
+    st.divider()
+    from personal_gpt.web.embed_tab import render_embed
+
+    render_embed(svc, me, gpt.id)
+    st.divider()
+    from personal_gpt.web.keys_tab import render_api_keys
+
+    render_api_keys(svc, me, gpt.id)
 
 
 def _new_link_form(svc, me, gpt) -> None:
