@@ -39,8 +39,8 @@ else:
 if gpt.published_version and head[1].button("Open chat", icon="💬", width="stretch"):
     st.switch_page("pages/chat.py", query_params={"gpt": gpt.id})
 
-configure, knowledge_tab, finetune_tab, share_tab, versions_tab = st.tabs(
-    ["Configure", "Knowledge", "Fine-tune", "Share", "Versions"]
+configure, knowledge_tab, test_tab, finetune_tab, share_tab, versions_tab = st.tabs(
+    ["Configure", "Knowledge", "Test", "Fine-tune", "Share", "Versions"]
 )
 
 with configure:
@@ -100,6 +100,9 @@ with configure:
                            "repetition_penalty": repetition_penalty, "seed": g.seed},
             "template_id": spec.template_id, "blanks": spec.blanks,
             "knowledge_only": st.session_state.get(f"konly-{k}", spec.knowledge_only),
+            "strictness": st.session_state.get(f"strict-{k}", spec.strictness),
+            "refusal": st.session_state.get(f"refusal-{k}", spec.refusal),
+            "show_sources": st.session_state.get(f"showsrc-{k}", spec.show_sources),
         }
         draft_spec, draft_error = None, None
         try:
@@ -173,7 +176,7 @@ with configure:
             elif draft_spec and draft_spec.starters:
                 st.caption("Try a starter:")
                 for i, s in enumerate(draft_spec.starters):
-                    if st.button(s, key=f"pstarter-{k}-{i}"):
+                    if st.button(glue.plain(s), key=f"pstarter-{k}-{i}"):
                         st.session_state[f"pending-{gpt.id}"] = s
         prompt = st.chat_input("Message the preview", key=f"pinput-{gpt.id}", disabled=draft_spec is None,
                                submit_mode="stop")
@@ -193,6 +196,24 @@ with knowledge_tab:
     st.toggle("Answer only from my knowledge (say \"I don't know\" when the files don't cover a question)",
               value=spec.knowledge_only, key=f"konly-{k}",
               help="Takes effect when you save or publish.")
+    if st.session_state.get(f"konly-{k}", spec.knowledge_only):
+        from personal_gpt.gpts import STRICTNESS_LEVELS, refusal_message
+        from personal_gpt.services import I_DONT_KNOW
+
+        st.radio("How sure must an answer be of its files?", STRICTNESS_LEVELS, horizontal=True,
+                 index=STRICTNESS_LEVELS.index(spec.strictness), key=f"strict-{k}",
+                 format_func=lambda x: {"lenient": "Lenient (answers more)", "balanced": "Balanced",
+                                        "strict": "Strict (says \"I don't know\" more)"}.get(x, x),
+                 help="Stricter GPTs refuse more often rather than risk an answer the files do not support.")
+        st.text_input("What it says when the files don't cover a question", value=spec.refusal,
+                      max_chars=300, key=f"refusal-{k}", placeholder=refusal_message(spec.model_copy(
+                          update={"refusal": ""}), I_DONT_KNOW),
+                      help="Leave empty for the default. {business_name} and your template's other blanks are "
+                           "filled in.")
+    st.toggle("Show clients where answers come from (file, page and sentence)", value=spec.show_sources,
+              key=f"showsrc-{k}",
+              help="On share links, the website widget and the API. Off: sources stay with you; clients see "
+                   "only the answer. File names are never downloadable.")
     upload_key = f"kupload-{gpt.id}-{st.session_state.get(f'kupload-n-{gpt.id}', 0)}"
     uploads = st.file_uploader("Add files", accept_multiple_files=True, key=upload_key,
                                type=sorted(EXTENSIONS),
@@ -205,9 +226,9 @@ with knowledge_tab:
             st.rerun()
     for name, status, message in st.session_state.pop(f"kresult-{gpt.id}", []):
         if status == "rejected":
-            st.error(f"{name}: {message}", icon="⚠️")
+            st.error(f"{glue.plain(name)}: {glue.plain(message)}", icon="⚠️")
         elif status == "duplicate":
-            st.info(f"{name}: {message}", icon="ℹ️")
+            st.info(f"{glue.plain(name)}: {glue.plain(message)}", icon="ℹ️")
 
     def is_busy(files) -> bool:
         return any(f.status in ("queued", "parsing", "embedding") for f in files)
@@ -231,10 +252,10 @@ with knowledge_tab:
                   "failed": "⚠️ failed"}
         for f in files:
             c = st.columns([5, 2, 3, 1.2])
-            c[0].markdown(f"**{f.display_name}**")
+            c[0].markdown(f"**{glue.plain(f.display_name)}**")
             c[1].write(labels.get(f.status, f.status))
             if f.status == "failed":
-                c[2].caption(f.error)
+                c[2].caption(glue.plain(f.error))
             elif f.status == "ready":
                 c[2].caption(f"{f.chunk_count} passages" + (f" · {f.pages} pages" if f.pages else ""))
             if c[3].button("Remove", key=f"krm-{f.id}"):
@@ -262,8 +283,13 @@ with knowledge_tab:
                 st.caption("Nothing found.")
             for h in hits:
                 where = h.file + (f", page {h.page}" if h.page else "")
-                st.caption(f"[{h.n}] {where} · score {h.score:.3f}")
+                st.caption(f"[{h.n}] {glue.plain(where)} · score {h.score:.3f}")
                 st.text(h.text)
+
+with test_tab:
+    from personal_gpt.web.test_tab import render_test_tab
+
+    render_test_tab(svc, me, gpt.id)
 
 with finetune_tab:
     from personal_gpt.web import finetune_tab as finetune_ui

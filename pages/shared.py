@@ -52,7 +52,7 @@ with st.sidebar:
             st.caption("Your conversations")
             for conv in past[:30]:
                 current = st.session_state.get(conv_key) == conv.id
-                if st.button((conv.title or "(empty)")[:40], key=f"sconv-{conv.id}", width="stretch",
+                if st.button(glue.plain((conv.title or "(empty)")[:40]), key=f"sconv-{conv.id}", width="stretch",
                              type="primary" if current else "secondary", help=glue.when(conv.updated_at)):
                     st.session_state[conv_key] = conv.id
                     st.rerun()
@@ -66,15 +66,17 @@ if conv_id:
         messages = svc.shared_messages(link_id, visitor, conv_id)
 for m in messages:
     with st.chat_message(m.role, avatar=glue.avatar_for(view.avatar) if m.role == "assistant" else None):
-        st.markdown(m.content)  # st.markdown never renders raw HTML
+        st.markdown(glue.for_streamlit(m.content))  # no raw HTML, no unsafe link, no remote image
         if m.role == "assistant" and m.stopped:
             st.caption("Stopped.")
+        if m.role == "assistant":
+            glue.show_sources(getattr(m, "citations", None) or [])  # only when the creator shows sources
 
 pending = None
 if not messages and view.starters:
     cols = st.columns(min(len(view.starters), 4))
     for i, s in enumerate(view.starters):
-        if cols[i % len(cols)].button(s, key=f"sstarter-{i}", width="stretch"):
+        if cols[i % len(cols)].button(glue.plain(s), key=f"sstarter-{i}", width="stretch"):
             pending = s
 
 prompt = st.chat_input(f"Message {view.name}", submit_mode="stop") or pending

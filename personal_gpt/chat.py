@@ -78,6 +78,8 @@ class Reply:
     usage: Usage = field(default_factory=Usage)
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.perf_counter)
+    # how a knowledge-only answer was judged against its evidence (action, reason, scores); None = not judged
+    grounding: dict | None = None
 
     @property
     def meta(self) -> dict:
@@ -90,6 +92,7 @@ class Reply:
             "total_s": None if u.total_s is None else round(u.total_s, 4),
             "finish_reason": u.finish_reason,
             **({"citations": self.citations} if self.citations else {}),
+            **({"grounding": self.grounding} if self.grounding else {}),
         }
 
 
@@ -124,3 +127,25 @@ def fixed_answer(text: str, reply: Reply) -> Iterator[str]:
     reply.usage.first_token_s = time.perf_counter() - reply.started
     reply.usage.total_s = reply.usage.first_token_s
     yield text
+
+
+def checked(pieces: Iterator[str], reply: Reply, judge) -> Iterator[str]:
+    """Generate the whole answer first, then stream what ``judge(text) -> text``
+    makes of it (the answer itself, a quotation of the evidence, or a refusal).
+
+    Knowledge-only GPTs answer through this: an answer is shown only once it has
+    been checked against the files. ``reply.text`` ends as what was shown."""
+    for _ in pieces:
+        pass
+    final = judge(reply.text)
+    reply.text = final
+    if final:
+        yield final
+
+
+def then(pieces: Iterator[str], reply: Reply, finish) -> Iterator[str]:
+    """Pass ``pieces`` on; once the answer is complete (not stopped), call
+    ``finish(reply.text)`` before the answer is saved."""
+    yield from pieces
+    if not reply.cancel.is_set():
+        finish(reply.text)

@@ -368,10 +368,12 @@ def serve_cmd(port, host):
 
 def _register_groups() -> None:
     """Command groups that live in their own modules (fine-tuning, sharing)."""
-    from personal_gpt import cli_finetune, cli_share
+    from personal_gpt import cli_eval, cli_finetune, cli_keys, cli_share
 
     cli_finetune.register(main)
     cli_share.register(main)
+    cli_eval.register(main)
+    cli_keys.register(main)
 
 
 _register_groups()

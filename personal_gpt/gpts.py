@@ -19,6 +19,8 @@ MAX_STARTERS = 6
 MAX_STARTER_CHARS = 200
 MAX_AVATAR_DATA_URI = 400_000  # ~300 KB image once base64-decoded
 DEFAULT_AVATAR = "🤖"
+MAX_REFUSAL_CHARS = 300
+STRICTNESS_LEVELS = ("lenient", "balanced", "strict")
 
 _IMAGE_URI = re.compile(r"^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+$")
 
@@ -60,6 +62,12 @@ class GptSpec(BaseModel):
     template_id: str | None = None
     blanks: dict[str, str] = Field(default_factory=dict)
     knowledge_only: bool = False  # answer only from the knowledge files; say "I don't know" otherwise
+    # how sure a knowledge-only answer must be of its evidence: lenient, balanced or strict
+    strictness: str = "balanced"
+    # what a knowledge-only GPT says when the files do not cover a question ("" = worded from the blanks)
+    refusal: str = ""
+    # show visitors on share links (and the widget/API) the file, page and sentence an answer came from
+    show_sources: bool = False
 
     @field_validator("name")
     @classmethod
@@ -120,3 +128,35 @@ class GptSpec(BaseModel):
     @classmethod
     def _model(cls, v: str) -> str:
         return (v or "").strip()
+
+    @field_validator("strictness")
+    @classmethod
+    def _strictness(cls, v: str) -> str:
+        v = (v or "").strip().lower() or "balanced"
+        if v not in STRICTNESS_LEVELS:
+            raise ValueError("Strictness must be lenient, balanced or strict.")
+        return v
+
+    @field_validator("refusal")
+    @classmethod
+    def _refusal(cls, v: str) -> str:
+        v = " ".join(clean_text(v or "").split())
+        if len(v) > MAX_REFUSAL_CHARS:
+            raise ValueError(f"The \"I don't know\" message is too long: keep it under {MAX_REFUSAL_CHARS} characters.")
+        return v
+
+
+def refusal_message(spec: GptSpec, default: str) -> str:
+    """What a knowledge-only GPT says when its files do not cover a question: the
+    creator's own wording, else ``default`` plus who to contact when the template's
+    blanks name a business (and a contact), else ``default``."""
+    if spec.refusal:
+        text = spec.refusal
+        for key, value in spec.blanks.items():
+            text = text.replace("{" + key + "}", value)
+        return text
+    business = (spec.blanks.get("business_name") or "").strip()
+    if not business:
+        return default
+    contact = (spec.blanks.get("contact") or spec.blanks.get("contact_details") or "").strip()
+    return f"{default} Please contact {business}" + (f" at {contact}." if contact else ".")

@@ -26,6 +26,8 @@ from personal_gpt.config import Settings
 from personal_gpt.errors import Conflict, InvalidInput, NotFound
 from personal_gpt.gpts import GptSpec
 from personal_gpt.services_accounts import AccountMethods
+from personal_gpt.services_api import ApiMethods
+from personal_gpt.services_embed import EmbedMethods
 from personal_gpt.services_finetune import FinetuneMethods
 from personal_gpt.services_knowledge import I_DONT_KNOW, KnowledgeMethods
 from personal_gpt.services_sharing import SharingMethods
@@ -120,7 +122,7 @@ class Provider:
         return f"openai:{self.id}"
 
 
-class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods):
+class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods, ApiMethods, EmbedMethods):
     def __init__(self, settings: Settings | None = None, models=None):
         self.settings = settings or Settings.from_env()
         self.settings.ensure_home()
@@ -497,18 +499,37 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
         model (providers of ``owner_uid``), stream; the person's message is saved once the
         first piece exists, the answer when the stream ends. ``guard(pieces, reply)`` may
         wrap the stream (a share link stops it when the link is revoked)."""
-        passages = []
-        if self.retriever.has_knowledge(gpt_id):
-            from personal_gpt.knowledge.retrieval import context_block
+        from personal_gpt.gpts import refusal_message
+        from personal_gpt.knowledge import grounding
+        from personal_gpt.knowledge.retrieval import citations, grounded_context_block, trim
 
+        passages, evidence = [], []
+        if self.retriever.has_knowledge(gpt_id):
             passages = self.retriever.relevant(gpt_id, message)
-        if spec.knowledge_only and not passages:
-            reply = chat.Reply(model_name="knowledge only")
-            pieces = chat.fixed_answer(I_DONT_KNOW, reply)
+        if passages:
+            evidence = grounding.find_evidence(message, passages, self.embedder.encode)
+            passages, evidence = trim(passages, evidence)
+        refusal = refusal_message(spec, I_DONT_KNOW)
+        before = grounding.judge_question(message, passages, evidence, spec.strictness) if spec.knowledge_only else None
+        if before is not None and before.action == "refuse":
+            reply = chat.Reply(model_name="knowledge only", grounding={"action": "refuse", "reason": before.reason,
+                                                                       **before.scores})
+            pieces = chat.fixed_answer(refusal, reply)
         else:
             model = self._model_for_uid(owner_uid, spec, gpt_id)
-            reply = chat.Reply(model_name=model.name, citations=[x.to_meta() for x in passages])
-            pieces = chat.respond(model, spec, history, message, reply, context_block(passages) if passages else "")
+            reply = chat.Reply(model_name=model.name, citations=citations(passages, evidence))
+            context = grounded_context_block(passages, evidence) if passages else ""
+            if spec.knowledge_only:  # a short answer is all that is kept: do not wait for a long one
+                gen = spec.generation.model_copy(update={"max_new_tokens": min(spec.generation.max_new_tokens,
+                                                                               grounding.MAX_ANSWER_TOKENS)})
+                spec = spec.model_copy(update={"generation": gen})
+            pieces = chat.respond(model, spec, history, message, reply, context)
+            if not spec.knowledge_only and passages:
+                pieces = chat.then(pieces, reply, lambda text: grounding.refine_citations(text, message,
+                                                                                         reply.citations))
+            if spec.knowledge_only:
+                pieces = chat.checked(pieces, reply, lambda text: self._grounded(message, text, passages, evidence,
+                                                                                   spec, refusal, reply))
         if guard is not None:
             pieces = guard(pieces, reply)
         first = next(pieces, None)  # validation and model errors surface here, before anything is saved
@@ -516,6 +537,25 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
             repos.add_message(conn, conv_id, "user", message)
         reply.pieces = self._save_when_done(conv_id, reply, first, pieces)
         return reply
+
+    @staticmethod
+    def _grounded(message: str, text: str, passages, evidence, spec: GptSpec, refusal: str, reply: chat.Reply) -> str:
+        """A knowledge-only answer checked against its evidence: kept, replaced by a
+        quotation of the evidence sentence, or replaced by the GPT's refusal."""
+        from personal_gpt.knowledge import grounding
+
+        text = grounding.tidy_answer(text, passages)
+        judged = grounding.judge_answer(message, text, passages, evidence, spec.strictness)
+        reply.grounding = {"action": judged.action, "reason": judged.reason, **judged.scores}
+        if judged.action == "answer":
+            grounding.refine_citations(text, message, reply.citations)
+            return text
+        if judged.action == "quote" and evidence:
+            best = evidence[0]
+            reply.citations = [c for c in reply.citations if c.get("n") == best.n] or reply.citations
+            return f"The files say: “{best.sentence}” [{best.n}]"
+        reply.citations = []
+        return refusal
 
     def regenerate(self, p: Principal, conv_id: str, spec: GptSpec | None = None) -> chat.Reply:
         """Answer the last message again: the old answer is replaced."""

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Iterable, Iterator
 
-from personal_gpt import chat
+from personal_gpt import chat, limits
 from personal_gpt.auth import Principal
 from personal_gpt.errors import PersonalGptError, Forbidden, InvalidInput, NotFound
 from personal_gpt.gpts import GptSpec
+from personal_gpt.knowledge.retrieval import visitor_citations
 from personal_gpt.sharing import (
     MAX_SESSION_AGE,
     NOT_AVAILABLE,
@@ -91,12 +92,14 @@ class SharedView:
 
 @dataclass
 class SharedMessage:
-    """One turn of a visitor's own conversation: text only (no citations, no model)."""
+    """One turn of a visitor's own conversation: text, and the sources (number, file, page,
+    evidence sentence) only when the creator shows sources to clients; never the model."""
 
     role: str
     content: str
     created_at: datetime | None
     stopped: bool = False
+    citations: list[dict] = field(default_factory=list)
 
 
 def _link_view(row: links.LinkRow, now: datetime) -> ShareLink:
@@ -366,16 +369,20 @@ class SharingMethods:
         with self.store.read() as conn:
             self._shared_conv(conn, visit, uid, conv_id)
             rows = repos.list_messages(conn, conv_id)
+            show = self._published(conn, visit).show_sources
         return [
-            SharedMessage(m.role, m.content, m.created_at, (m.meta or {}).get("finish_reason") == "cancelled")
+            SharedMessage(m.role, m.content, m.created_at, (m.meta or {}).get("finish_reason") == "cancelled",
+                          visitor_citations((m.meta or {}).get("citations") or []) if show else [])
             for m in rows
         ]
 
     def send_shared(self, link_id: str, visitor: Visitor, conv_id: str, message: str) -> chat.Reply:
         """One turn through the link with the GPT's published version, by the same chat
         path as ``send``. The link is decided again on every turn and counted against
-        its message limit; while the answer streams, a revoked, expired or unpublished
-        link stops it at the next piece (NotFound; the partial answer is kept)."""
+        its message limit, after the GPT's visitor limits (``limits``: message size,
+        conversation length, per-visitor and per-GPT rate; TooLarge / RateLimited, and
+        then nothing is saved or counted); while the answer streams, a revoked, expired or
+        unpublished link stops it at the next piece (NotFound; the partial answer is kept)."""
         message = chat.check_message(message)
         visit, decision = self._admit(link_id, visitor)
         self._allowed(decision)
@@ -385,6 +392,11 @@ class SharingMethods:
             self._shared_conv(conn, visit, uid, conv_id)
             history = [{"role": m.role, "content": m.content} for m in repos.list_messages(conn, conv_id)]
             spec = self._published(conn, visit)
+            # the GPT's visitor limits (size, length, rate), before the link's quota and the model
+            visitor_limits = limits.stored_limits(conn, gpt_id)
+            message = limits.check_message(visitor_limits, message)
+            limits.check_conversation(visitor_limits, len(history))
+            limits.check_rate(conn, visitor_limits, gpt_id, uid, _now())
         with self.store.tx() as conn:
             counted = links.take_message(conn, gpt_id, link_id)
         if not counted:  # revoked or the limit reached since we decided: decide again for the sentence
@@ -400,7 +412,8 @@ class SharingMethods:
             with self.store.tx() as conn:
                 links.return_message(conn, gpt_id, link_id)
             raise
-        reply.citations = []  # passages and file names stay with the creator
+        if not spec.show_sources:
+            reply.citations = []  # passages and file names stay with the creator (SECURITY #25) unless shown
         return reply
 
     def _guarded(

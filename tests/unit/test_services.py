@@ -270,7 +270,43 @@ ID_METHODS = {
     "active_adapter": lambda s, ids: s.active_adapter(BOB, ids["gpt"]),
     "delete_adapter": lambda s, ids: s.delete_adapter(BOB, ids["gpt"], 1),
     "export_adapter": lambda s, ids: s.export_adapter(BOB, ids["gpt"], 1, "/tmp/never-written"),
+    # embed widget (creator side scoped to the owner; visitor side: A's embed is off or the conversation is A's)
+    "embed_settings": lambda s, ids: s.embed_settings(BOB, ids["gpt"]),
+    "save_embed_settings": lambda s, ids: s.save_embed_settings(BOB, ids["gpt"], sites=["https://evil.example"]),
+    "check_embed_site": lambda s, ids: s.check_embed_site(BOB, ids["gpt"], "https://evil.example"),
+    "embed_conversations": lambda s, ids: s.embed_conversations(BOB, ids["gpt"]),
+    "embed_conversation_messages": lambda s, ids: s.embed_conversation_messages(BOB, ids["gpt"], ids["conv"]),
+    "embed_page": lambda s, ids: s.embed_page(ids["gpt"]),  # A never turned the embed on
+    "embed_access": lambda s, ids: s.embed_access(ids["gpt"], _bob_visiting()),
+    "start_embed_conversation": lambda s, ids: s.start_embed_conversation(
+        ids["gpt"], _bob_visiting(), "https://alice.example"),
+    "embed_visitor_conversations": lambda s, ids: s.embed_visitor_conversations(ids["gpt"], _bob_visiting()),
+    "embed_visitor_messages": lambda s, ids: s.embed_visitor_messages(_alice_embed(s, ids), _bob_visiting(), ids["conv"]),
+    "send_embed": lambda s, ids: s.send_embed(_alice_embed(s, ids), _bob_visiting(), ids["conv"], "hi"),
+    # HTTP API keys
+    "create_api_key": lambda s, ids: s.create_api_key(BOB, ids["gpt"]),
+    "list_api_keys": lambda s, ids: s.list_api_keys(BOB, ids["gpt"]),
+    "revoke_api_key": lambda s, ids: s.revoke_api_key(BOB, _alice_key(s, ids)),
+    "api_conversations": lambda s, ids: s.api_conversations(BOB, ids["gpt"]),
+    "api_conversation_messages": lambda s, ids: s.api_conversation_messages(BOB, ids["gpt"], _alice_api_call(s, ids)),
 }
+
+
+def _alice_key(s, ids):
+    return s.create_api_key(ALICE, ids["gpt"])[0].id
+
+
+def _alice_api_call(s, ids):
+    _, key = s.create_api_key(ALICE, ids["gpt"])
+    turn = s.api_chat(key, ids["gpt"], [{"role": "user", "content": "secret plans"}])
+    list(turn.reply.pieces)
+    return turn.conversation_id
+
+
+def _alice_embed(s, ids):
+    """A's GPT with its embed on (so only the conversation's owner can stop B)."""
+    s.save_embed_settings(ALICE, ids["gpt"], sites=["https://alice.example"])
+    return ids["gpt"]
 
 
 def _alice_link(s, ids, revoked=False):
@@ -297,7 +333,7 @@ def test_every_id_taking_method_is_covered():
     """A new service method that takes an id must be added to ID_METHODS."""
     from personal_gpt.services import Services
 
-    ids = ("gpt_id", "conv_id", "provider_id", "link_id", "job_id")
+    ids = ("gpt_id", "conv_id", "provider_id", "link_id", "job_id", "key_id")
     takes_id = {
         name for name, fn in inspect.getmembers(Services, inspect.isfunction)
         if not name.startswith("_") and any(p in inspect.signature(fn).parameters for p in ids)

@@ -467,6 +467,27 @@ def test_visitors_get_no_citations_or_file_names(svc, gpt):
     assert system.startswith(INSTRUCTIONS) and "Roses come from Grower X." in system
 
 
+def test_visitors_see_sources_only_when_the_creator_shows_them(svc, gpt):
+    """Opt-in per GPT: then a visitor sees number, file, page and the evidence sentence,
+    never the passage, ids or scores; switching it off hides past sources too."""
+    svc.__dict__["retriever"] = _Passages()
+    spec = svc.get_gpt(ALICE, gpt.id).spec.model_dump()
+    g = svc.save_draft(ALICE, gpt.id, {**spec, "show_sources": True}, svc.get_gpt(ALICE, gpt.id).revision)
+    svc.publish(ALICE, g.id)
+    link, _ = svc.create_share_link(ALICE, gpt.id, public=True)
+    v = anon()
+    conv = svc.start_shared_conversation(link.id, v)
+    reply = svc.send_shared(link.id, v, conv, "where do roses come from?")
+    "".join(reply.pieces)
+    [answer] = [m for m in svc.shared_messages(link.id, v, conv) if m.role == "assistant"]
+    assert answer.citations == [{"n": 1, "file": "supplier-list-CONFIDENTIAL.pdf", "page": 3,
+                                 "text": "Roses come from Grower X."}]
+    g = svc.get_gpt(ALICE, gpt.id)
+    svc.save_draft(ALICE, gpt.id, {**g.spec.model_dump(), "show_sources": False}, g.revision)
+    svc.publish(ALICE, gpt.id)
+    assert all(m.citations == [] for m in svc.shared_messages(link.id, v, conv))
+
+
 def test_the_whole_flow_on_postgresql(home, postgres_url):
     """Counters, JSON lists, time zones and the conversation count on PostgreSQL too."""
     import uuid
