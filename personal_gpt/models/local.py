@@ -239,42 +239,7 @@ class LocalModel:
         except BaseException:
             request.finish("error")
             raise
-        ids: list[int] = []
-        emitted = ""
-        done: _Done | None = None
-        try:
-            while done is None:
-                items = [self._next_item(request)]
-                while True:  # take everything already there, decode once
-                    try:
-                        items.append(request.out.get_nowait())
-                    except queue.Empty:
-                        break
-                for item in items:
-                    if isinstance(item, _Done):
-                        done = item
-                    else:
-                        ids.append(item)
-                if done is not None and done.reason == "error":
-                    raise ModelError(done.error or "The model stopped unexpectedly; try again.")
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                if done is None:
-                    text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest
-                if len(text) > len(emitted):
-                    if not text.startswith(emitted):
-                        log.debug("decoded text changed under already streamed text")
-                    piece = text[len(emitted):]
-                    emitted = text
-                    if usage.first_token_s is None:
-                        usage.first_token_s = time.perf_counter() - started
-                    yield piece
-            usage.finish_reason = done.reason
-        finally:
-            if done is None:  # the caller stopped reading: free the row
-                request.abandoned = True
-                usage.finish_reason = usage.finish_reason or "cancelled"
-            usage.completion_tokens = len(ids)
-            usage.total_s = time.perf_counter() - started
+        yield from relay(request, tokenizer, usage, started, lambda: self._next_item(request))
 
     def _next_item(self, request: _Request):
         while True:
@@ -366,6 +331,48 @@ class LocalModel:
     def clear_prefix_cache(self) -> None:
         """Forget the cached prompt prefixes (the next prompts are computed in full)."""
         self._prefix.clear()
+
+
+def relay(request: _Request, tokenizer, usage: Usage, started: float, next_item) -> Iterator[str]:
+    """Turn the token ids a scheduler puts on ``request.out`` into text pieces (whole
+    UTF-8 characters only), filling ``usage``; the request is marked abandoned if the
+    caller stops reading. ``next_item()`` blocks for the next id or ``_Done``."""
+    ids: list[int] = []
+    emitted = ""
+    done: _Done | None = None
+    try:
+        while done is None:
+            items = [next_item()]
+            while True:  # take everything already there, decode once
+                try:
+                    items.append(request.out.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if isinstance(item, _Done):
+                    done = item
+                else:
+                    ids.append(item)
+            if done is not None and done.reason == "error":
+                raise ModelError(done.error or "The model stopped unexpectedly; try again.")
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if done is None:
+                text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest
+            if len(text) > len(emitted):
+                if not text.startswith(emitted):
+                    log.debug("decoded text changed under already streamed text")
+                piece = text[len(emitted):]
+                emitted = text
+                if usage.first_token_s is None:
+                    usage.first_token_s = time.perf_counter() - started
+                yield piece
+        usage.finish_reason = done.reason
+    finally:
+        if done is None:  # the caller stopped reading: free the row
+            request.abandoned = True
+            usage.finish_reason = usage.finish_reason or "cancelled"
+        usage.completion_tokens = len(ids)
+        usage.total_s = time.perf_counter() - started
 
 
 # --- helpers ------------------------------------------------------------------------

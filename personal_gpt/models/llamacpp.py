@@ -1,0 +1,773 @@
+"""The bundled model served by llama.cpp (llama-cpp-python, optional), with the same
+ChatModel API as ``LocalModel``: one scheduler thread, continuous batching of every
+chat in one llama.cpp context, prompt prefixes reused per sequence, LoRA adapters
+converted to GGUF and applied per step to the rows that use them.
+
+Owns: the llama.cpp context and its sequences, sampling, GGUF LoRA adapters in memory,
+and handing what it cannot serve (an adapter llama.cpp cannot express, a failed load)
+to the torch ``LocalModel`` it is given.
+Must not: touch the store, download anything, or import llama_cpp/numpy at import time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from personal_gpt.errors import InvalidInput, ModelError
+from personal_gpt.gpts import GenerationSettings
+from personal_gpt.models.base import AdapterRef, Message, Usage
+from personal_gpt.models.batching import _Done, _Request
+from personal_gpt.models.local import EXTRA_EOS_TOKENS, _check_messages, _read_context_window, relay
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512  # tokens per llama_decode call (prompt chunks and decode rows together)
+KV_CELLS = 16384  # KV cache cells shared by the plain model's sequences (f16: ~23 KB each for SmolLM2-135M)
+IDLE_ADAPTER_CONTEXTS = 2  # contexts of adapters no chat uses that are kept (their prompts stay cached)
+SPARE_SEQUENCES = 4  # finished sequences kept beyond max_batch so later prompts reuse their prefix
+MIN_REUSE = 16  # shorter common prefixes are not worth keeping a finished sequence for
+
+
+def llamacpp_installed() -> bool:
+    """True when llama-cpp-python can be imported (nothing is imported here)."""
+    try:
+        return importlib.util.find_spec("llama_cpp") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_LIB: Any = None
+_LIB_LOCK = threading.Lock()
+
+
+def _lib():
+    """llama_cpp, initialised once, its log output routed to our logger at debug level."""
+    global _LIB
+    with _LIB_LOCK:
+        if _LIB is None:
+            import llama_cpp
+
+            llama_cpp.llama_backend_init()
+
+            @llama_cpp.llama_log_callback
+            def to_log(level, text, user_data):  # noqa: ARG001
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+            llama_cpp.llama_log_set(to_log, ctypes.c_void_p(0))
+            llama_cpp._pgpt_log_callback = to_log  # keep the callback alive
+            _LIB = llama_cpp
+        return _LIB
+
+
+# --- sequences and adapters -----------------------------------------------------------
+
+@dataclass(eq=False)
+class _Seq:
+    """One llama.cpp sequence: the tokens its KV cells hold, under which adapter."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    adapter: str | None = None
+    request: _Request | None = None
+    pending: int | None = None  # the last chosen token, fed at the next step
+    seen: Any = None  # numpy bool [vocab] (repetition penalty)
+    rng: Any = None  # numpy Generator when sampling
+    last_used: float = 0.0
+    leader: Any = None  # (sequence, its request, shared prompt length): copy its cells instead of computing them
+
+
+class _Lora:
+    """A GGUF LoRA adapter loaded into the llama.cpp model; ``key`` is unique per load."""
+
+    def __init__(self, name: str, key: str, handle: Any, owner: "LlamaCppModel"):
+        self.name, self.key, self.handle, self._owner = name, key, handle, owner
+        self.users = 0
+        self.retired = False
+        self.last_used = time.monotonic()
+
+    def release(self) -> None:
+        with self._owner._cond:
+            self.users = max(0, self.users - 1)
+            self._owner._cond.notify()
+
+
+@dataclass(eq=False)
+class _Ctx:
+    """A llama.cpp context: its own KV cells and sequences, with one adapter (or none)
+    set once. Rows with different adapters run in different contexts, because
+    switching a context's adapters makes llama.cpp re-plan its graphs (~0.3 s here)."""
+
+    key: str | None
+    ctx: Any
+    memory: Any
+    batch: Any
+    seqs: list[_Seq]
+    last_used: float = 0.0
+
+    @property
+    def running(self) -> bool:
+        return any(seq.request is not None for seq in self.seqs)
+
+
+@dataclass
+class _Engine:
+    model: Any
+    vocab: Any
+    n_vocab: int
+    shape: dict
+    contexts: dict  # adapter key (None: the plain model) -> _Ctx
+
+
+class LlamaCppModel:
+    """The bundled model (a GGUF file) served by llama.cpp, implementing ``ChatModel``
+    plus LocalModel's adapter methods. Prompts are built with the Hugging Face
+    tokenizer of ``model_dir`` (the same ids as the torch path). ``fallback()`` returns
+    the torch ``LocalModel`` for the same weights; it is created only if needed: when
+    llama.cpp fails to load, or for an adapter llama.cpp cannot run."""
+
+    backend = "llama.cpp"
+
+    def __init__(
+        self, gguf_path: Path, model_dir: Path, name: str, base_id: str,
+        fallback: Callable[[], Any], threads: int = 0, max_batch: int = 8, max_adapters: int = 16,
+        kv_cells: int = KV_CELLS, chunk: int = PREFILL_CHUNK, flash_attn: int = -1,
+    ):
+        self.gguf_path = Path(gguf_path)
+        self.model_dir = Path(model_dir)
+        self.name = name
+        self.base_id = base_id
+        self.threads = int(threads)
+        self.max_batch = max(1, int(max_batch))
+        self.max_adapters = max(1, int(max_adapters))
+        self.context_window = _read_context_window(self.model_dir)
+        self.kv_cells = max(int(kv_cells), self.context_window)
+        self.chunk = max(16, int(chunk))
+        self.flash_attn = int(flash_attn)  # llama.cpp's flash_attn_type: -1 auto, 0 off, 1 on
+        self._fallback_factory = fallback
+        self._fallback: Any = None
+        self._fallback_lock = threading.Lock()
+        self._broken: str | None = None  # why llama.cpp is not used (then everything goes to the fallback)
+        self._engine: _Engine | None = None
+        self._tokenizer: Any = None
+        self._eos: frozenset[int] = frozenset()
+        self._load_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._pending: deque[_Request] = deque()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._step_lock = threading.Lock()  # the scheduler holds it per step; adapters load/free under it
+        self._loras: dict[str, _Lora] = {}  # adapter name -> loaded adapter
+        self._retired: list[_Lora] = []
+        self._torch_adapters: set[str] = set()  # adapters the fallback serves
+        self._serial = 0
+        self._workdir = Path(tempfile.mkdtemp(prefix="pgpt-llamacpp-"))
+
+    def __repr__(self) -> str:
+        return f"LlamaCppModel({str(self.gguf_path)!r}, name={self.name!r})"
+
+    # -- loading -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the weights now (otherwise the first call does it)."""
+        self._ready()
+
+    def _ready(self) -> bool:
+        """True when llama.cpp serves; False when the fallback does (load failed)."""
+        if self._engine is not None:
+            return True
+        if self._broken is not None:
+            return False
+        with self._load_lock:
+            if self._closed:
+                raise ModelError("This model has been shut down; reload the page to start it again.")
+            if self._engine is None and self._broken is None:
+                self._load_tokenizer()
+                try:
+                    self._engine = self._load_engine()
+                except Exception as exc:  # anything llama.cpp or its binding raises
+                    log.warning("llama.cpp could not load %s (%s); using the torch path", self.gguf_path, exc)
+                    self._broken = f"{type(exc).__name__}: {exc}"
+            return self._engine is not None
+
+    def _load_tokenizer(self) -> None:
+        if self._tokenizer is not None:
+            return
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False, local_files_only=True)
+        except Exception as exc:
+            raise ModelError(f"The model in {self.model_dir} could not be loaded: its tokenizer files are missing or damaged.") from exc
+        eos: set[int] = set()
+        for name in ("config.json", "generation_config.json"):
+            try:
+                value = json.loads((self.model_dir / name).read_text(encoding="utf-8")).get("eos_token_id")
+            except (OSError, ValueError, AttributeError):
+                continue
+            eos.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        vocab = tokenizer.get_vocab()
+        eos.update(vocab[t] for t in EXTRA_EOS_TOKENS if t in vocab)
+        self._tokenizer, self._eos = tokenizer, frozenset(eos)
+
+    def _load_engine(self) -> _Engine:
+        from personal_gpt.models.gguf_files import model_shape
+
+        lib = _lib()
+        shape = model_shape(self.gguf_path)
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = 0
+        model = lib.llama_model_load_from_file(str(self.gguf_path).encode(), params)
+        if not model:
+            raise RuntimeError("llama_model_load_from_file returned NULL")
+        vocab = lib.llama_model_get_vocab(model)
+        engine = _Engine(model=model, vocab=vocab, n_vocab=int(lib.llama_vocab_n_tokens(vocab)), shape=shape,
+                         contexts={})
+        try:
+            engine.contexts[None] = self._new_context(engine, None)
+        except BaseException:
+            lib.llama_model_free(model)
+            raise
+        return engine
+
+    def _new_context(self, engine: _Engine, lora: _Lora | None) -> _Ctx:
+        """A context for the plain model or for one adapter, warmed up (its first
+        decode plans and allocates the graphs)."""
+        lib = _lib()
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = self.kv_cells if lora is None else self.context_window
+        cparams.n_batch = cparams.n_ubatch = self.chunk
+        cparams.n_seq_max = self.max_batch + SPARE_SEQUENCES
+        threads = self.threads if self.threads > 0 else _cpu_threads()
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.kv_unified = True  # any sequence may use any cell: one long chat fits the whole window
+        cparams.no_perf = True
+        cparams.flash_attn_type = self.flash_attn
+        ctx = lib.llama_init_from_model(engine.model, cparams)
+        if not ctx:
+            raise RuntimeError("llama_init_from_model returned NULL")
+        if lora is not None:
+            handles = (lib.llama_adapter_lora_p_ctypes * 1)(lora.handle)
+            lib.llama_set_adapters_lora(ctx, handles, 1, (ctypes.c_float * 1)(1.0))
+        result = _Ctx(key=None if lora is None else lora.key, ctx=ctx, memory=lib.llama_get_memory(ctx),
+                      batch=lib.llama_batch_init(self.chunk, 0, 1),
+                      seqs=[_Seq(seq_id=i) for i in range(self.max_batch + SPARE_SEQUENCES)],
+                      last_used=time.monotonic())
+        batch = result.batch
+        batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = 0, 0, 1, 1
+        batch.seq_id[0][0] = 0
+        batch.n_tokens = 1
+        lib.llama_decode(ctx, batch)  # warm-up
+        lib.llama_memory_seq_rm(result.memory, 0, -1, -1)
+        return result
+
+    def _free_context(self, context: _Ctx) -> None:
+        lib = _lib()
+        lib.llama_batch_free(context.batch)
+        lib.llama_free(context.ctx)
+
+    def fallback(self):
+        """The torch LocalModel over the same weights (created on first need)."""
+        with self._fallback_lock:
+            if self._fallback is None:
+                self._fallback = self._fallback_factory()
+            return self._fallback
+
+    @property
+    def serving(self) -> str:
+        """"llama.cpp" or "torch" (after a failed llama.cpp load)."""
+        return "llama.cpp" if self._ready() else "torch"
+
+    # -- adapters ------------------------------------------------------------------------
+
+    def base_names(self) -> set[str]:
+        return {self.base_id, str(self.model_dir), str(self.model_dir.resolve())}
+
+    def load_adapter(self, adapter: AdapterRef) -> None:
+        if not self._ready() or self._lora(adapter) is None:
+            self.fallback().load_adapter(adapter)
+
+    def _lora(self, adapter: AdapterRef) -> _Lora | None:
+        """The adapter loaded into llama.cpp, or None when llama.cpp cannot run it
+        (the fallback serves it). ``ModelError`` for an unsafe or misfit adapter."""
+        from personal_gpt.models.adapters import check_adapter
+
+        with self._cond:
+            lora = self._loras.get(adapter.name)
+            if lora is not None:
+                lora.last_used = time.monotonic()
+                return lora
+            if adapter.name in self._torch_adapters:
+                return None
+        check_adapter(adapter, self.base_names(), self.name)
+        with self._load_lock:
+            with self._cond:
+                lora = self._loras.get(adapter.name)
+                if lora is not None:
+                    return lora
+                self._serial += 1
+                key = f"lora{self._serial}"
+            from personal_gpt.models.gguf_files import Unsupported, lora_to_gguf
+
+            engine = self._engine
+            target = self._workdir / f"{key}.gguf"
+            try:
+                lora_to_gguf(Path(adapter.path), target, engine.shape)
+                with self._step_lock:
+                    handle = _lib().llama_adapter_lora_init(engine.model, str(target).encode())
+                if not handle:
+                    raise Unsupported("llama_adapter_lora_init returned NULL")
+            except Exception as exc:  # Unsupported, or anything the conversion or llama.cpp raised
+                log.info("adapter %s served by the torch path: %s", adapter.name, exc)
+                with self._cond:
+                    self._torch_adapters.add(adapter.name)
+                return None
+            finally:
+                target.unlink(missing_ok=True)
+            lora = _Lora(adapter.name, key, handle, self)
+            with self._cond:
+                self._loras[adapter.name] = lora
+                idle = sorted((x for x in self._loras.values() if x.users == 0 and x is not lora),
+                              key=lambda x: x.last_used)
+                for old in idle[: max(0, len(self._loras) - self.max_adapters)]:
+                    del self._loras[old.name]
+                    old.retired = True
+                    self._retired.append(old)
+        self._sweep()
+        return lora
+
+    def forget_adapter(self, name: str) -> bool:
+        forgotten = False
+        with self._cond:
+            lora = self._loras.pop(name, None)
+            if lora is not None:
+                lora.retired = True
+                self._retired.append(lora)
+                forgotten = True
+            if name in self._torch_adapters:
+                self._torch_adapters.discard(name)
+        if lora is not None:
+            self._sweep()
+        if self._fallback is not None:
+            forgotten = bool(self._fallback.forget_adapter(name)) or forgotten
+        return forgotten
+
+    def loaded_adapters(self) -> list[str]:
+        with self._cond:
+            names = set(self._loras)
+        if self._fallback is not None:
+            names.update(self._fallback.loaded_adapters())
+        return sorted(names)
+
+    def _sweep(self) -> None:
+        """Free retired adapters no chat uses (and the sequences computed under them)."""
+        with self._cond:
+            ready = [x for x in self._retired if x.users == 0]
+            self._retired = [x for x in self._retired if x.users != 0]
+        if not ready:
+            return
+        lib = _lib()
+        with self._step_lock:
+            engine = self._engine
+            for lora in ready:
+                context = engine.contexts.pop(lora.key, None) if engine is not None else None
+                if context is not None:
+                    self._free_context(context)
+                lib.llama_adapter_lora_free(lora.handle)
+                log.info("adapter %s (%s) freed", lora.name, lora.key)
+
+    # -- ChatModel -------------------------------------------------------------------------
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        """Token ids of the prompt for these messages (chat template, generation prompt)."""
+        self._ready()
+        clean = _check_messages(messages)
+        try:
+            with self._encode_lock:
+                text = self._tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
+                return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception as exc:
+            raise InvalidInput(f"The model {self.name} cannot read this conversation: {exc}") from exc
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.encode(messages))
+
+    def stream(
+        self,
+        messages: list[Message],
+        settings: GenerationSettings,
+        cancel: threading.Event | None = None,
+        usage: Usage | None = None,
+        adapter: AdapterRef | None = None,
+    ) -> Iterator[str]:
+        started = time.perf_counter()
+        if not self._ready():
+            return self.fallback().stream(messages, settings, cancel=cancel, usage=usage, adapter=adapter)
+        lora = None
+        if adapter is not None:
+            lora = self._lora(adapter)
+            if lora is None:
+                return self.fallback().stream(messages, settings, cancel=cancel, usage=usage, adapter=adapter)
+        ids = self.encode(messages)
+        needed = len(ids) + settings.max_new_tokens
+        if needed > self.context_window:
+            raise InvalidInput(
+                f"This conversation is too long for the model ({needed:,} tokens of {self.context_window:,}, "
+                "counting room for the answer); start a new chat or shorten the instructions."
+            )
+        usage = usage if usage is not None else Usage()
+        usage.prompt_tokens = len(ids)
+        request = _Request(prompt=ids, settings=settings, cancel=cancel or threading.Event())
+        return self._answer(request, usage, started, lora)
+
+    def _answer(self, request: _Request, usage: Usage, started: float, lora: _Lora | None) -> Iterator[str]:
+        if lora is not None:
+            with self._cond:
+                if lora.retired:
+                    raise ModelError("This fine-tuned version was removed while the answer was starting; try again.")
+                lora.users += 1
+                lora.last_used = time.monotonic()
+            request.adapter = lora
+        try:
+            self._submit(request)
+        except BaseException:
+            request.finish("error")
+            raise
+        yield from relay(request, self._tokenizer, usage, started, lambda: self._next_item(request))
+
+    def _next_item(self, request: _Request):
+        import queue
+
+        while True:
+            try:
+                return request.out.get(timeout=1.0)
+            except queue.Empty:
+                thread = self._thread
+                if thread is None or not thread.is_alive():
+                    return _Done("error", "The model stopped unexpectedly; try again.")
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the prompts kept in finished sequences (the next prompts are computed in full)."""
+        engine = self._engine
+        if engine is None:
+            return
+        with self._step_lock:
+            for context in engine.contexts.values():
+                for seq in context.seqs:
+                    if seq.request is None:
+                        self._free(context, seq, forget=True)
+        if self._fallback is not None:
+            self._fallback.clear_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the scheduler, free llama.cpp's memory (and the fallback's)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+        with self._cond:
+            for request in self._pending:
+                request.finish("error", "The model was shut down before answering; try again.")
+            self._pending.clear()
+        with self._load_lock, self._step_lock:
+            engine, self._engine = self._engine, None
+            if engine is not None:
+                lib = _lib()
+                for lora in list(self._loras.values()) + self._retired:
+                    lib.llama_adapter_lora_free(lora.handle)
+                self._loras.clear()
+                self._retired.clear()
+                for context in engine.contexts.values():
+                    self._free_context(context)
+                engine.contexts.clear()
+                lib.llama_model_free(engine.model)
+        if self._fallback is not None:
+            self._fallback.close()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    # -- the scheduler -------------------------------------------------------------------
+
+    def _submit(self, request: _Request) -> None:
+        with self._cond:
+            if self._closed:
+                raise ModelError("This model has been shut down; reload the page to start it again.")
+            self._pending.append(request)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name=f"llama.cpp:{self.name}", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        engine = self._engine
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._running(engine):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                room = self.max_batch - sum(
+                    1 for c in engine.contexts.values() for s in c.seqs if s.request is not None)
+                admit = []
+                while self._pending and len(admit) < room:
+                    admit.append(self._pending.popleft())
+            try:
+                with self._step_lock:
+                    for request in admit:
+                        if request.stopped:
+                            request.finish("cancelled")
+                        else:
+                            self._place(engine, request)
+                    admit = []
+                    self._step(engine)
+                    self._trim_contexts(engine)
+            except Exception:  # keep serving: fail the running chats only
+                log.exception("llama.cpp step failed")
+                for request in admit:
+                    request.finish("error", "The model failed while answering; try again.")
+                for context in engine.contexts.values():
+                    for seq in context.seqs:
+                        if seq.request is not None:
+                            seq.request.finish("error", "The model failed while answering; try again.")
+                            self._free(context, seq, forget=True)
+            if self._retired:
+                self._sweep()
+        for context in engine.contexts.values():
+            for seq in context.seqs:
+                if seq.request is not None:
+                    seq.request.finish("error", "The model was shut down before finishing; try again.")
+
+    @staticmethod
+    def _running(engine: _Engine) -> bool:
+        return any(context.running for context in engine.contexts.values())
+
+    def _context_for(self, engine: _Engine, request: _Request) -> _Ctx:
+        key = request.adapter_key
+        context = engine.contexts.get(key)
+        if context is None:
+            context = self._new_context(engine, request.adapter)
+            engine.contexts[key] = context
+        context.last_used = time.monotonic()
+        return context
+
+    def _trim_contexts(self, engine: _Engine) -> None:
+        """Free the contexts of adapters no chat uses beyond the most recent few."""
+        idle = sorted((c for k, c in engine.contexts.items() if k is not None and not c.running),
+                      key=lambda c: c.last_used)
+        for context in idle[: max(0, len(idle) - IDLE_ADAPTER_CONTEXTS)]:
+            del engine.contexts[context.key]
+            self._free_context(context)
+
+    def _place(self, engine: _Engine, request: _Request) -> None:
+        """Give a request the free sequence (in its adapter's context) sharing the
+        longest prompt prefix with it (its cells are kept), else the least recently used one."""
+        import numpy as np
+
+        context = self._context_for(engine, request)
+        prompt = request.prompt
+        best, best_len = None, -1
+        for seq in context.seqs:
+            if seq.request is not None:
+                continue
+            n = min(_common(seq.tokens, prompt), len(prompt) - 1)  # the last prompt token is always fed
+            if n < MIN_REUSE:
+                n = 0
+            if n > best_len or (n == best_len and seq.last_used < best.last_used):
+                best, best_len = seq, n
+        seq = best
+        _lib().llama_memory_seq_rm(context.memory, seq.seq_id, best_len, -1)
+        seq.tokens = seq.tokens[:best_len]
+        seq.leader = None
+        for other in context.seqs:  # a running chat with the same instructions: share the cells it computes
+            if other.request is None or other is seq:
+                continue
+            n = min(_common(other.request.prompt, prompt), len(prompt) - 1)
+            if n >= best_len + MIN_REUSE and (seq.leader is None or n > seq.leader[2]):
+                seq.leader = (other, other.request, n)
+        seq.adapter, seq.request, seq.pending = request.adapter_key, request, None
+        seq.last_used = time.monotonic()
+        seq.seen = np.zeros(engine.n_vocab, dtype=bool)
+        seq.seen[np.asarray(prompt, dtype=np.int64).clip(0, engine.n_vocab - 1)] = True
+        seq.rng = None if request.settings.greedy else np.random.default_rng(int(request.settings.seed))
+
+    def _free(self, context: _Ctx, seq: _Seq, forget: bool = False) -> None:
+        seq.request, seq.pending, seq.seen, seq.rng, seq.leader = None, None, None, None, None
+        seq.last_used = time.monotonic()
+        if forget:
+            _lib().llama_memory_seq_rm(context.memory, seq.seq_id, -1, -1)
+            seq.tokens = []
+
+    def _step(self, engine: _Engine) -> None:
+        """One llama_decode per context with running sequences: every decoding
+        sequence feeds its last token, prefilling ones a chunk of their prompt."""
+        for context in list(engine.contexts.values()):
+            for seq in context.seqs:
+                if seq.request is not None and seq.request.stopped:
+                    seq.request.finish("cancelled")
+                    self._free(context, seq)
+            if context.running:
+                self._decode(engine, context)
+
+    def _decode(self, engine: _Engine, context: _Ctx) -> None:
+        lib = _lib()
+        seqs = [seq for seq in context.seqs if seq.request is not None]
+        seqs.sort(key=lambda seq: seq.last_used)  # prompt chunks: oldest request first
+        batch = context.batch
+        n = 0
+        fed: list[tuple[_Seq, list[int], int | None]] = []  # (sequence, tokens fed, batch index of its logits)
+
+        def put(seq: _Seq, token: int, pos: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+            batch.seq_id[n][0] = seq.seq_id
+            batch.logits[n] = 1 if logits else 0
+            n += 1
+
+        for seq in seqs:  # decoding rows first: one token each
+            if seq.pending is not None:
+                put(seq, seq.pending, len(seq.tokens), True)
+                fed.append((seq, [seq.pending], n - 1))
+        for seq in seqs:  # then prompt chunks within the chunk budget
+            if seq.pending is not None or not self._follow(context, seq):
+                continue
+            prompt = seq.request.prompt
+            start = len(seq.tokens)
+            take = min(len(prompt) - start, self.chunk - n)
+            if take <= 0:
+                continue
+            for i in range(take):
+                put(seq, prompt[start + i], start + i, start + i == len(prompt) - 1)
+            fed.append((seq, prompt[start:start + take], n - 1 if start + take == len(prompt) else None))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = lib.llama_decode(context.ctx, batch)
+        if status == 1:  # no room in the KV cache: drop kept prefixes and try once more
+            for seq in context.seqs:
+                if seq.request is None and seq.tokens:
+                    self._free(context, seq, forget=True)
+            status = lib.llama_decode(context.ctx, batch)
+        if status != 0:
+            log.warning("llama_decode returned %s for %d tokens", status, n)
+            message = ("There is not enough room for this many long chats at once; try again in a moment."
+                       if status == 1 else "The model failed while answering; try again.")
+            for seq, _, _ in fed:
+                seq.request.finish("error", message)
+                self._free(context, seq, forget=True)
+            return
+        for seq, tokens, index in fed:
+            seq.tokens.extend(tokens)
+            if index is not None:
+                self._advance(engine, context, seq, index)
+
+    @staticmethod
+    def _follow(context: _Ctx, seq: _Seq) -> bool:
+        """For a sequence sharing its prompt's start with another running one: False while
+        that one is still computing the shared part; then its cells are shared (no copy in
+        a unified cache) and True: the rest of the prompt is computed as usual."""
+        if seq.leader is None:
+            return True
+        leader, request, shared = seq.leader
+        prompt = seq.request.prompt
+        if leader.tokens[:shared] == prompt[:shared]:
+            start = len(seq.tokens)
+            if shared > start:
+                _lib().llama_memory_seq_cp(context.memory, leader.seq_id, seq.seq_id, start, shared)
+                seq.tokens = list(prompt[:shared])
+            seq.leader = None
+            return True
+        if leader.request is request and request is not None and len(leader.tokens) < shared:
+            return False  # still computing it
+        seq.leader = None  # the leader ended or was taken over before sharing: compute it here
+        return True
+
+    def _advance(self, engine: _Engine, context: _Ctx, seq: _Seq, index: int) -> None:
+        import numpy as np
+
+        lib = _lib()
+        request = seq.request
+        pointer = lib.llama_get_logits_ith(context.ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(engine.n_vocab,))
+        token = _choose(logits, request.settings, seq)
+        seq.seen[token] = True
+        if request.stopped:
+            request.finish("cancelled")
+            self._free(context, seq)
+        elif token in self._eos or lib.llama_vocab_is_eog(engine.vocab, token):
+            request.finish("stop")
+            self._free(context, seq)
+        else:
+            request.generated += 1
+            request.out.put(token)
+            if request.generated >= request.settings.max_new_tokens:
+                request.finish("length")
+                self._free(context, seq)
+            else:
+                seq.pending = token
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+def _choose(logits, settings: GenerationSettings, seq: _Seq) -> int:
+    """Next token: repetition penalty (as transformers' processor), then greedy, or
+    temperature + top-p sampling with the sequence's seeded generator."""
+    import numpy as np
+
+    penalty = float(settings.repetition_penalty)
+    if penalty != 1.0:
+        logits = logits.copy()
+        seen = seq.seen
+        values = logits[seen]
+        logits[seen] = np.where(values < 0, values * penalty, values / penalty)
+    if seq.rng is None:
+        return int(np.argmax(logits))
+    scores = logits.astype(np.float64) / float(settings.temperature)
+    scores -= scores.max()
+    probs = np.exp(scores)
+    probs /= probs.sum()
+    if settings.top_p < 1.0:
+        order = np.argsort(-probs)
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, settings.top_p)) + 1]
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
+    return int(seq.rng.choice(len(probs), p=probs))
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _cpu_threads() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,327 @@
+"""The llama.cpp path of the bundled model: GGUF LoRA conversion, backend selection,
+answers against plain transformers fp32 greedy, batching, and falling back to torch.
+
+Real components only: the bundled SmolLM2 (GGUF and its safetensors copy), peft
+adapters made on the spot (seeded random B), llama-cpp-python when installed. Where
+llama-cpp-python is absent the same tests check the torch path they fall back to.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from personal_gpt.config import Settings  # noqa: E402
+from personal_gpt.gpts import GenerationSettings  # noqa: E402
+from personal_gpt.models.base import AdapterRef, ChatModel  # noqa: E402
+from personal_gpt.models.bundled import (  # noqa: E402
+    BACKEND_ENV,
+    BUNDLED_ID,
+    bundled_gguf_path,
+    bundled_local_model,
+    ensure_bundled_model,
+)
+from personal_gpt.models.gguf_files import Unsupported, lora_to_gguf, model_shape, rope_rows  # noqa: E402
+from personal_gpt.models.llamacpp import LlamaCppModel, llamacpp_installed  # noqa: E402
+from personal_gpt.models.local import LocalModel  # noqa: E402
+from personal_gpt.models.registry import ModelRegistry  # noqa: E402
+
+INSTALLED = llamacpp_installed()
+MAX_NEW = 16
+GREEDY = GenerationSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=MAX_NEW)
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a gardening helper."},
+     {"role": "user", "content": "How do I keep slugs off my lettuce?"}],
+    [{"role": "user", "content": "Write one sentence about the sea."}],
+]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory, model_cache) -> Settings:
+    result = Settings(home=tmp_path_factory.mktemp("llamacpp-home"), database_url="sqlite://", model_cache=model_cache)
+    ensure_bundled_model(result)
+    return result
+
+
+@pytest.fixture(scope="module")
+def plain(settings):
+    """Plain transformers fp32 copy of the bundled weights (the quality reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = settings.model_cache_dir / BUNDLED_ID
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def make_adapter(plain, folder: Path, seed: int, targets: list[str], scale: float, r: int = 8,
+                 bias: bool = False) -> AdapterRef:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = plain
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+                        lora_bias=bias)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # A and B seeded (peft draws A from the global generator)
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+            elif "lora_B" in name:  # weights and (lora_bias) biases
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    peft_model.peft_config["default"].base_model_name_or_path = f"bundled:{BUNDLED_ID}"
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    peft_model.unload()
+    return AdapterRef(name=folder.name, path=folder, label=folder.name)
+
+
+@pytest.fixture(scope="module")
+def adapter(plain, tmp_path_factory) -> AdapterRef:
+    return make_adapter(plain, tmp_path_factory.mktemp("adp-all"), seed=3, targets=ALL_LINEAR, scale=0.1)
+
+
+_REFERENCES: dict = {}
+
+
+def reference(plain, messages, adapter: AdapterRef | None = None) -> str:
+    """fp32 greedy of plain transformers (plain peft with an adapter); PROMPTS computed once per adapter."""
+    import torch
+
+    key = (adapter.name if adapter else None, repr(messages))
+    if key in _REFERENCES:
+        return _REFERENCES[key]
+    model, tokenizer = plain
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False).eval()
+    try:
+        for m in [messages] + [p for p in PROMPTS if p != messages]:
+            text = tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                                     do_sample=False, repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id)
+            _REFERENCES[(key[0], repr(m))] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        if adapter is not None:
+            model.unload()
+    return _REFERENCES[key]
+
+
+def overlap(got: str, want: str, tokenizer) -> float:
+    """Share of ``want``'s tokens matched before the first difference."""
+    a = tokenizer(got, add_special_tokens=False)["input_ids"]
+    b = tokenizer(want, add_special_tokens=False)["input_ids"]
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return 1.0 if a == b else n / max(1, len(b))
+
+
+@pytest.fixture(scope="module")
+def auto(settings):
+    """The bundled model as the registry serves it with the default backend."""
+    model = bundled_local_model(settings, backend="auto")
+    model.load()
+    yield model
+    model.close()
+
+
+def answer(model, messages, adapter=None) -> str:
+    if adapter is None:
+        return "".join(model.stream(messages, GREEDY))
+    return "".join(model.stream(messages, GREEDY, adapter=adapter))
+
+
+# --- GGUF files (no llama.cpp needed) ---------------------------------------------------------
+
+def test_rope_row_order_maps_hf_weights_onto_the_shipped_gguf(settings):
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(settings.model_cache_dir / BUNDLED_ID / "model.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(bundled_gguf_path())).tensors}
+    shape = model_shape(bundled_gguf_path())
+    for hf, name, heads in [("self_attn.q_proj", "attn_q", shape["n_head"]), ("self_attn.k_proj", "attn_k", shape["n_head_kv"])]:
+        t = tensors[f"blk.5.{name}.weight"]
+        stored = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+        original = weights[f"model.layers.5.{hf}.weight"]
+        assert not np.array_equal(original, stored)  # the orders differ ...
+        assert np.array_equal(rope_rows(original, heads), stored)  # ... and rope_rows is the map
+
+
+def test_lora_gguf_holds_every_pair_with_scaling_folded_in(plain, adapter, tmp_path):
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    shape = model_shape(bundled_gguf_path())
+    target = lora_to_gguf(adapter.path, tmp_path / "a.gguf", shape)
+    reader = gguf.GGUFReader(str(target))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["general.architecture"].contents() == "llama"
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 * 7 * shape["n_layer"]
+    peft = load_file(str(adapter.path / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.2."
+    a = tensors["blk.2.attn_q.weight.lora_a"]
+    b = tensors["blk.2.attn_q.weight.lora_b"]
+    a_values = np.asarray(a.data).reshape([int(n) for n in reversed(a.shape)])
+    b_values = np.asarray(b.data).reshape([int(n) for n in reversed(b.shape)])
+    assert np.array_equal(a_values, peft[prefix + "self_attn.q_proj.lora_A.weight"])
+    scaling = 16 / 8  # lora_alpha / r
+    want_b = rope_rows(peft[prefix + "self_attn.q_proj.lora_B.weight"] * np.float32(scaling), shape["n_head"])
+    assert np.allclose(b_values, want_b)
+    d = tensors["blk.2.ffn_down.weight.lora_b"]
+    assert np.allclose(np.asarray(d.data).reshape([int(n) for n in reversed(d.shape)]),
+                       peft[prefix + "mlp.down_proj.lora_B.weight"] * np.float32(scaling))
+
+
+def test_adapter_with_lora_biases_is_unsupported(plain, tmp_path):
+    ref = make_adapter(plain, tmp_path / "biased", seed=5, targets=["q_proj", "v_proj"], scale=0.05, bias=True)
+    with pytest.raises(Unsupported):
+        lora_to_gguf(ref.path, tmp_path / "x.gguf", model_shape(bundled_gguf_path()))
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# --- selection ----------------------------------------------------------------------------------
+
+def test_backend_follows_the_setting_and_what_is_installed(settings, monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert type(bundled_local_model(settings)) is LocalModel
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    chosen = bundled_local_model(settings)
+    assert type(chosen) is (LlamaCppModel if INSTALLED else LocalModel)
+    assert isinstance(chosen, ChatModel)
+    monkeypatch.setattr("personal_gpt.models.llamacpp.llamacpp_installed", lambda: False)
+    assert type(bundled_local_model(settings)) is LocalModel  # not installed: torch, no error
+    chosen.close()
+
+
+def test_registry_serves_the_chosen_backend_with_adapters(settings, adapter, monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    registry = ModelRegistry(settings)
+    try:
+        base = registry.get(f"bundled:{BUNDLED_ID}")
+        assert base.base_id == f"bundled:{BUNDLED_ID}"
+        view = registry.get(f"bundled:{BUNDLED_ID}", adapter=adapter)
+        assert [answer(view, m) for m in PROMPTS[:2]] != [answer(base, m) for m in PROMPTS[:2]]
+        assert registry.forget_adapter(adapter.name)
+        assert adapter.name not in base.loaded_adapters()
+    finally:
+        registry.close()
+
+
+# --- answers: the default path against fp32 greedy ------------------------------------------
+
+def test_answers_match_fp32_greedy(auto, plain):
+    shares = [overlap(answer(auto, m), reference(plain, m), plain[1]) for m in PROMPTS]
+    assert min(shares) >= 0.5 and sum(shares) / len(shares) >= 0.8, shares
+
+
+def test_adapter_answers_match_plain_peft_fp32(auto, plain, adapter):
+    shares = [overlap(answer(auto, m, adapter), reference(plain, m, adapter), plain[1]) for m in PROMPTS]
+    assert min(shares) >= 0.5 and sum(shares) / len(shares) >= 0.8, shares
+    assert [answer(auto, m, adapter) for m in PROMPTS] != [answer(auto, m) for m in PROMPTS]  # it is applied
+
+
+def test_chats_at_once_answer_as_each_alone(auto, plain, adapter):
+    jobs = [(PROMPTS[0], None), (PROMPTS[1], adapter), (PROMPTS[2], None)]
+    alone = []
+    for messages, adapter_ref in jobs:  # each computed in full, alone
+        auto.clear_prefix_cache()
+        alone.append(answer(auto, messages, adapter_ref))
+    auto.clear_prefix_cache()
+    together: list[str | None] = [None] * 3
+
+    def run(i):
+        together[i] = answer(auto, jobs[i][0], jobs[i][1])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # batched rows run through llama.cpp's kernels at another batch size, which may sum in another
+    # order: a late token may move, the answers' starts may not (the torch path is exact, see its tests)
+    shares = [overlap(t, a, plain[1]) for t, a in zip(together, alone)]
+    assert min(shares) >= 0.5 and sum(shares) / len(shares) >= 0.8, (shares, together, alone)
+    # the same prompt again starts from the kept cells (only its last token is computed)
+    assert overlap(answer(auto, PROMPTS[1], adapter), alone[1], plain[1]) >= 0.5
+
+
+# --- falling back to torch -------------------------------------------------------------------
+
+def test_a_model_file_llamacpp_cannot_load_falls_back_to_torch(settings, plain, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF not really")
+    folder = settings.model_cache_dir / BUNDLED_ID
+    model = LlamaCppModel(broken, folder, "SmolLM2 (test)", base_id=f"bundled:{BUNDLED_ID}",
+                          fallback=lambda: LocalModel(folder, "SmolLM2 (torch)", base_id=f"bundled:{BUNDLED_ID}"))
+    try:
+        assert model.serving == "torch"
+        assert answer(model, PROMPTS[0]) == reference(plain, PROMPTS[0])  # the torch path is plain greedy
+    finally:
+        model.close()
+
+
+def test_an_adapter_llamacpp_cannot_run_is_served_by_torch(auto, plain, tmp_path):
+    ref = make_adapter(plain, tmp_path / "biased", seed=9, targets=["q_proj", "v_proj"], scale=0.05, bias=True)
+    got = answer(auto, PROMPTS[0], ref)
+    assert overlap(got, reference(plain, PROMPTS[0], ref), plain[1]) == 1.0
+    if isinstance(auto, LlamaCppModel):
+        assert ref.name in auto.fallback().loaded_adapters()
+    assert auto.forget_adapter(ref.name)
+
+
+def test_chats_started_together_share_their_instructions(auto, plain, monkeypatch):
+    """Chats with the same instructions arriving at once: the first computes them, the
+    others take its cells (llama_memory_seq_cp) and compute only their own question."""
+    if not isinstance(auto, LlamaCppModel):  # the torch path has its own prefix cache (test_models_local)
+        assert type(auto) is LocalModel and not INSTALLED
+        return
+    import llama_cpp
+
+    copies = []
+    real = llama_cpp.llama_memory_seq_cp
+
+    def spy(memory, source, target, start, end):
+        copies.append((source, target, start, end))
+        return real(memory, source, target, start, end)
+
+    monkeypatch.setattr(llama_cpp, "llama_memory_seq_cp", spy)
+    instructions = {"role": "system", "content": "You are a gardening helper for a community garden. " * 8}
+    chats = [[instructions, {"role": "user", "content": q}] for q in
+             ("How do I keep slugs off lettuce?", "When do I sow carrots?", "What is compost?")]
+    alone = []
+    for messages in chats:
+        auto.clear_prefix_cache()
+        alone.append(answer(auto, messages))
+    auto.clear_prefix_cache()
+    copies.clear()
+    together: list[str | None] = [None] * len(chats)
+
+    def run(i):
+        together[i] = answer(auto, chats[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(chats))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    shared = len(auto.encode([instructions]))  # at least the instructions' tokens
+    assert len(copies) == len(chats) - 1 and all(end - start >= shared - 8 for _, _, start, end in copies), copies
+    shares = [overlap(t, a, plain[1]) for t, a in zip(together, alone)]
+    assert min(shares) >= 0.5, (shares, together, alone)
