@@ -51,8 +51,8 @@ def test_upload_formats_and_answer_with_a_page_citation(live_server, page, tmp_p
     page.get_by_role("button", name="Add to knowledge").click()
 
     # progress while reading, then every file ready with its passages
-    for name in files:
-        expect(page.get_by_text(name, exact=True)).to_be_visible()
+    for name in files:  # in the file list (the uploader's chips may still show the same names for a moment)
+        expect(page.locator(f"strong:text-is('{name}')")).to_be_visible()
     expect(page.get_by_text("✅ ready")).to_have_count(len(files), timeout=180_000)
     expect(page.get_by_text(re.compile(r"\d+ passages · 3 pages"))).to_be_visible()
 
