@@ -28,7 +28,7 @@ from personal_gpt.errors import InvalidInput, ModelError
 from personal_gpt.gpts import GenerationSettings
 from personal_gpt.models.base import AdapterRef, Message, Usage
 from personal_gpt.models.batching import _Done, _Request
-from personal_gpt.models.local import EXTRA_EOS_TOKENS, _check_messages, _read_context_window, relay
+from personal_gpt.models.local import EXTRA_EOS_TOKENS, _read_context_window, chat_token_ids, relay
 
 log = logging.getLogger(__name__)
 
@@ -395,13 +395,7 @@ class LlamaCppModel:
     def encode(self, messages: list[Message]) -> list[int]:
         """Token ids of the prompt for these messages (chat template, generation prompt)."""
         self._ready()
-        clean = _check_messages(messages)
-        try:
-            with self._encode_lock:
-                text = self._tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
-                return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-        except Exception as exc:
-            raise InvalidInput(f"The model {self.name} cannot read this conversation: {exc}") from exc
+        return chat_token_ids(self._tokenizer, self._encode_lock, messages, self.name)
 
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.encode(messages))

@@ -191,14 +191,7 @@ class LocalModel:
     def encode(self, messages: list[Message]) -> list[int]:
         """Token ids of the prompt for these messages (chat template, generation prompt)."""
         rt = self._runtime()
-        clean = _check_messages(messages)
-        try:
-            with self._encode_lock:
-                text = rt.tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
-                return list(rt.tokenizer(text, add_special_tokens=False)["input_ids"])
-        except Exception as exc:  # jinja errors: e.g. a template that refuses system messages
-            log.warning("chat template failed for %s: %s", self.model_dir, exc)
-            raise InvalidInput(f"The model {self.name} cannot read this conversation: {exc}") from exc
+        return chat_token_ids(rt.tokenizer, self._encode_lock, messages, self.name)
 
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.encode(messages))
@@ -396,6 +389,20 @@ def _read_context_window(model_dir: Path) -> int:
             if isinstance(value, int) and value > 0:
                 return value
     return DEFAULT_CONTEXT
+
+
+def chat_token_ids(tokenizer, lock: threading.Lock, messages: list[Message], name: str) -> list[int]:
+    """Prompt token ids for ``messages`` with the model's chat template and the generation
+    prompt (shared by the torch and llama.cpp paths, so both see the same ids); a template
+    that refuses the conversation becomes InvalidInput."""
+    clean = _check_messages(messages)
+    try:
+        with lock:
+            text = tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as exc:  # jinja errors: e.g. a template that refuses system messages
+        log.warning("chat template failed for %s: %s", name, exc)
+        raise InvalidInput(f"The model {name} cannot read this conversation: {exc}") from exc
 
 
 def _check_messages(messages: list[Message]) -> list[dict[str, str]]:
