@@ -80,6 +80,10 @@ class Reply:
     started: float = field(default_factory=time.perf_counter)
     # how a knowledge-only answer was judged against its evidence (action, reason, scores); None = not judged
     grounding: dict | None = None
+    # what retrieval found for the question on a GPT with knowledge: passages kept, best evidence match (0..1)
+    retrieval: dict | None = None
+    # the saved answer's message id, once the stream has ended (feedback buttons need it)
+    message_id: int | None = None
 
     @property
     def meta(self) -> dict:
@@ -93,6 +97,7 @@ class Reply:
             "finish_reason": u.finish_reason,
             **({"citations": self.citations} if self.citations else {}),
             **({"grounding": self.grounding} if self.grounding else {}),
+            **({"retrieval": self.retrieval} if self.retrieval is not None else {}),
         }
 
 

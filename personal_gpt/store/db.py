@@ -22,7 +22,7 @@ from personal_gpt.errors import StoreError
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0004"  # the newest migration; a test keeps this equal to Alembic's head
+HEAD_REVISION = "0005"  # the newest migration; a test keeps this equal to Alembic's head
 _migrate_lock = threading.Lock()
 
 

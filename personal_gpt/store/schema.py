@@ -251,3 +251,46 @@ embed_settings = sa.Table(
     sa.Column("limits", sa.JSON, nullable=False),  # rate and size limits for widget and API visitors
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+
+# -- feedback, corrections, privacy (0005) ---------------------------------------------
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("gpt_id", sa.String(40), sa.ForeignKey("gpts.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column(
+        "message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False, unique=True
+    ),  # one rating per answer: the conversation's person may change it
+    sa.Column("rating", sa.SmallInteger, nullable=False),  # 1 = thumbs up, -1 = thumbs down
+    sa.Column("comment", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+corrections = sa.Table(
+    "corrections",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("gpt_id", sa.String(40), sa.ForeignKey("gpts.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="SET NULL", name="fk_corrections_message")),
+    sa.Column("question", sa.Text, nullable=False),
+    sa.Column("answer", sa.Text, nullable=False),
+    sa.Column("target", sa.String(20), nullable=False),  # "knowledge" | "finetune"
+    sa.Column(
+        "knowledge_file_id", sa.String(40),
+        sa.ForeignKey("knowledge_files.id", ondelete="SET NULL", name="fk_corrections_knowledge_file"),
+    ),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+privacy_settings = sa.Table(
+    "privacy_settings",
+    metadata,
+    sa.Column("gpt_id", sa.String(40), sa.ForeignKey("gpts.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("retention_days", sa.Integer),  # None = keep forever
+    sa.Column("record", sa.Boolean, nullable=False, server_default=sa.true()),  # False = do not record conversations
+    sa.Column("redact", sa.Boolean, nullable=False, server_default=sa.false()),  # e-mails / phone numbers in stored text
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
