@@ -40,13 +40,15 @@ glue.gpt_header(spec.avatar, spec.name, spec.description)
 conv_id = st.session_state.get(conv_key)
 regen_key = f"regen-{gpt_id}"
 regenerating = bool(st.session_state.pop(regen_key, False)) and bool(conv_id)
-messages = []
+messages, rated = [], {}
 if conv_id:
     with glue.friendly_errors():
         messages = svc.messages(me, conv_id)
+        rated = svc.answer_feedback(me, conv_id)
 if regenerating and messages and messages[-1].role == "assistant":
     messages = messages[:-1]  # the old answer is replaced below
-glue.show_messages(messages, spec.avatar)
+glue.show_messages(messages, spec.avatar, feedback=rated, key=f"fb-{conv_id}",
+                   on_rate=lambda mid, rating, comment: svc.rate_answer(me, conv_id, mid, rating, comment))
 
 pending = None
 if not messages and spec.starters:

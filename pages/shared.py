@@ -60,10 +60,11 @@ with st.sidebar:
 glue.gpt_header(view.avatar, view.name, view.description)
 
 conv_id = st.session_state.get(conv_key)
-messages = []
+messages, rated = [], {}
 if conv_id:
     with glue.friendly_errors():
         messages = svc.shared_messages(link_id, visitor, conv_id)
+        rated = svc.shared_answer_feedback(link_id, visitor, conv_id)
 for m in messages:
     with st.chat_message(m.role, avatar=glue.avatar_for(view.avatar) if m.role == "assistant" else None):
         st.markdown(glue.for_streamlit(m.content))  # no raw HTML, no unsafe link, no remote image
@@ -71,6 +72,9 @@ for m in messages:
             st.caption("Stopped.")
         if m.role == "assistant":
             glue.show_sources(getattr(m, "citations", None) or [])  # only when the creator shows sources
+            if getattr(m, "id", None):
+                glue.feedback_box(m.id, rated.get(m.id), key=f"sfb-{conv_id}", on_rate=lambda mid, rating, comment:
+                                  svc.rate_shared_answer(link_id, visitor, conv_id, mid, rating, comment))
 
 pending = None
 if not messages and view.starters:

@@ -99,6 +99,7 @@ class EmbedMessage:
     content: str
     citations: list[dict] = field(default_factory=list)
     stopped: bool = False
+    id: int | None = None  # the message id (feedback on answers)
 
 
 def _limits(data: dict | None):
@@ -325,11 +326,11 @@ class EmbedMethods:
         uid = self._visitor_uid(visitor, create=False)
         with self.store.read() as conn:
             self._visitor_conv(conn, gpt_id, uid, conv_id)
-            rows = repos.list_messages(conn, conv_id)
+            rows = self._live_messages(conv_id, repos.list_messages(conn, conv_id))  # unrecorded: from memory
             show = self._embed_spec(conn, self._embed_visit(gpt_id)).show_sources
         return [
             EmbedMessage(m.role, m.content, visitor_citations((m.meta or {}).get("citations") or []) if show else [],
-                         (m.meta or {}).get("finish_reason") == "cancelled")
+                         (m.meta or {}).get("finish_reason") == "cancelled", m.id)
             for m in rows
         ]
 
@@ -350,8 +351,9 @@ class EmbedMethods:
         with self.store.read() as conn:
             _conv, site = self._visitor_conv(conn, gpt_id, uid, conv_id)
             self._site_ok(visit, site, own_origin)
-            history = [{"role": m.role, "content": m.content} for m in repos.list_messages(conn, conv_id)]
-            check_conversation(limits, len(history))
+            rows = repos.list_messages(conn, conv_id)
+            history = self._history(conv_id, rows)
+            check_conversation(limits, len(rows))
             check_rate(conn, limits, gpt_id, uid, _now())
             spec = self._embed_spec(conn, visit)
         reply = self._answer(conv_id, gpt_id, history, message, spec, visit.owner_id)

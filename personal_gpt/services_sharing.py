@@ -100,6 +100,7 @@ class SharedMessage:
     created_at: datetime | None
     stopped: bool = False
     citations: list[dict] = field(default_factory=list)
+    id: int | None = None  # the message id (feedback on answers)
 
 
 def _link_view(row: links.LinkRow, now: datetime) -> ShareLink:
@@ -368,11 +369,11 @@ class SharingMethods:
         uid = self._visitor_uid(visitor, create=False)
         with self.store.read() as conn:
             self._shared_conv(conn, visit, uid, conv_id)
-            rows = repos.list_messages(conn, conv_id)
+            rows = self._live_messages(conv_id, repos.list_messages(conn, conv_id))  # unrecorded: from memory
             show = self._published(conn, visit).show_sources
         return [
             SharedMessage(m.role, m.content, m.created_at, (m.meta or {}).get("finish_reason") == "cancelled",
-                          visitor_citations((m.meta or {}).get("citations") or []) if show else [])
+                          visitor_citations((m.meta or {}).get("citations") or []) if show else [], m.id)
             for m in rows
         ]
 
@@ -390,12 +391,13 @@ class SharingMethods:
         gpt_id = visit.facts.gpt_id
         with self.store.read() as conn:
             self._shared_conv(conn, visit, uid, conv_id)
-            history = [{"role": m.role, "content": m.content} for m in repos.list_messages(conn, conv_id)]
+            rows = repos.list_messages(conn, conv_id)
+            history = self._history(conv_id, rows)  # unrecorded turns from memory
             spec = self._published(conn, visit)
             # the GPT's visitor limits (size, length, rate), before the link's quota and the model
             visitor_limits = limits.stored_limits(conn, gpt_id)
             message = limits.check_message(visitor_limits, message)
-            limits.check_conversation(visitor_limits, len(history))
+            limits.check_conversation(visitor_limits, len(rows))
             limits.check_rate(conn, visitor_limits, gpt_id, uid, _now())
         with self.store.tx() as conn:
             counted = links.take_message(conn, gpt_id, link_id)

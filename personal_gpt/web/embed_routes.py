@@ -287,7 +287,7 @@ async def stream_reply(reply) -> AsyncIterator[bytes]:
         finished = True
         rendered = await run_in_threadpool(_render, reply.text)
         yield _sse("done", {"html": rendered, "citations": _citations(reply.citations),
-                            "finish_reason": reply.usage.finish_reason})
+                            "finish_reason": reply.usage.finish_reason, "id": reply.message_id})
     except Exception:  # noqa: BLE001 - mid-stream: say so in the stream, never a traceback
         if finished:
             raise
@@ -507,12 +507,16 @@ async def conversation(request: Request) -> Response:
     gpt_id = _gpt_id(request)
     svc = _services()
     visitor = _visitor(request, gpt_id)
-    rows = await run_in_threadpool(svc.embed_visitor_messages, gpt_id, visitor, request.path_params["conv_id"])
+    conv_id = request.path_params["conv_id"]
+    rows = await run_in_threadpool(svc.embed_visitor_messages, gpt_id, visitor, conv_id)
+    rated = await run_in_threadpool(svc.embed_answer_feedback, gpt_id, visitor, conv_id)
 
     def shaped():
         return [
-            {"role": m.role, "text": m.content, "html": _render(m.content) if m.role == "assistant" else None,
-             "citations": _citations(m.citations) if m.role == "assistant" else [], "stopped": m.stopped}
+            {"id": m.id, "role": m.role, "text": m.content,
+             "html": _render(m.content) if m.role == "assistant" else None,
+             "citations": _citations(m.citations) if m.role == "assistant" else [], "stopped": m.stopped,
+             "rating": rated[m.id].rating if m.id in rated else None}
             for m in rows
         ]
 
@@ -539,6 +543,35 @@ async def chat(request: Request, svc) -> Response:
     return StreamingResponse(stream_reply(reply), media_type="text/event-stream", headers={
         **BASE_HEADERS, "X-Accel-Buffering": "no",
     })
+
+
+RATINGS_PER_ADDRESS_MINUTE = 60
+
+
+def make_feedback(limiter: WindowLimiter):
+    async def rate(request: Request) -> Response:
+        """``POST /embed/<id>/feedback`` {conversation, message, rating: 1|-1, comment?}: the
+        visitor's thumbs on an answer of their own widget conversation (Origin checked)."""
+        from personal_gpt.errors import InvalidInput
+
+        svc, _page_, refused = await _checked(request)
+        if refused:
+            return refused
+        slowed = _slowed(limiter, request)
+        if slowed:
+            return slowed
+        gpt_id = _gpt_id(request)
+        data = await _json_body(request)
+        conv_id = _string(data, "conversation", "the conversation id")
+        message_id, rating, comment = data.get("message"), data.get("rating"), data.get("comment", "")
+        if isinstance(message_id, bool) or not isinstance(message_id, int):
+            raise InvalidInput("The request needs a 'message' (the answer's id).")
+        visitor = _visitor(request, gpt_id)
+        saved = await run_in_threadpool(svc.rate_embed_answer, gpt_id, visitor, conv_id, message_id, rating, comment)
+        return JSONResponse({"message": saved.message_id, "rating": saved.rating, "comment": saved.comment},
+                            headers=BASE_HEADERS)
+
+    return rate
 
 
 async def signin(request: Request) -> Response:
@@ -588,11 +621,13 @@ async def signin(request: Request) -> Response:
     return response
 
 
-def embed_routes(new_visitors: WindowLimiter | None = None, messages: WindowLimiter | None = None) -> list[Route]:
+def embed_routes(new_visitors: WindowLimiter | None = None, messages: WindowLimiter | None = None,
+                 ratings: WindowLimiter | None = None) -> list[Route]:
     """The widget's routes, to add to the app's route list (the limiters per address are
     made here unless given, so each app — and each test — has its own)."""
     new_visitors = new_visitors or WindowLimiter(NEW_VISITORS_PER_ADDRESS_MINUTE, 60)
     messages = messages or WindowLimiter(MESSAGES_PER_ADDRESS_MINUTE, 60)
+    ratings = ratings or WindowLimiter(RATINGS_PER_ADDRESS_MINUTE, 60)
     return [
         Route("/embed.js", embed_js, methods=["GET"]),
         Route("/embed-assets/{name}", asset, methods=["GET"]),
@@ -603,5 +638,6 @@ def embed_routes(new_visitors: WindowLimiter | None = None, messages: WindowLimi
         Route("/embed/{gpt_id}/conversations", _guarded(conversations), methods=["GET", "POST"]),
         Route("/embed/{gpt_id}/conversations/{conv_id}", _guarded(conversation), methods=["GET"]),
         Route("/embed/{gpt_id}/chat", _guarded(make_chat(messages)), methods=["POST"]),
+        Route("/embed/{gpt_id}/feedback", _guarded(make_feedback(ratings)), methods=["POST"]),
         Route("/embed/{gpt_id}/signin", signin, methods=["GET"]),
     ]

@@ -17,6 +17,7 @@ from personal_gpt.web import glue
 DATA_TYPES = ["jsonl", "json", "csv", "tsv", "xlsx", "txt"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 AUTO = "(automatic)"
+CORRECTIONS = "Corrected answers from conversations"
 
 
 def render(svc, me, gpt) -> None:
@@ -215,12 +216,21 @@ def _report(report) -> None:
         st.error(e, icon="⛔")
 
 
+def _from_corrections(fixes) -> list:
+    """The corrected answers sent to fine-tuning, as single-turn examples (newest first)."""
+    from personal_gpt.finetune.data import Example
+
+    return [Example.single(f.question, f.answer) for f in fixes]
+
+
 def _new_finetune(svc, me, gpt) -> None:
     from personal_gpt.finetune.data import from_table, to_table
 
     st.subheader("New fine-tune")
-    source = st.radio("Training data", ["Upload examples", "Make pairs from my knowledge files"], horizontal=True,
-                      key=f"ft-src-{gpt.id}")
+    fixes = svc.list_corrections(me, gpt.id, target="finetune")
+    source = st.radio("Training data", ["Upload examples", "Make pairs from my knowledge files", CORRECTIONS],
+                      horizontal=True, key=f"ft-src-{gpt.id}",
+                      format_func=lambda s: f"{s} ({len(fixes)})" if s == CORRECTIONS else s)
     examples_key = f"ft-examples-{gpt.id}"
     problems: list[str] = []
     if source == "Upload examples":
@@ -250,6 +260,12 @@ def _new_finetune(svc, me, gpt) -> None:
             st.rerun()
         examples = loaded.examples
         problems = loaded.problems
+    elif source == CORRECTIONS:
+        if not fixes:
+            st.info("No corrected answers yet: on the Conversations page, use “Fix this answer” and choose "
+                    "“Add to fine-tuning data”.", icon="🛠️")
+            return
+        examples = _from_corrections(fixes)
     else:
         n = st.number_input("How many pairs", 5, 500, 50, step=5, key=f"ft-npairs-{gpt.id}")
         if st.button("Make training pairs", icon="🪄", key=f"ft-mkpairs-{gpt.id}"):
@@ -261,6 +277,9 @@ def _new_finetune(svc, me, gpt) -> None:
                     icon="🪄")
             return
 
+    if source != CORRECTIONS and fixes and st.checkbox(
+            f"Also add the {len(fixes)} corrected answer(s) from conversations", key=f"ft-addfix-{gpt.id}"):
+        examples = list(examples) + _from_corrections(fixes)
     if problems:
         with st.expander(f"{len(problems)} row(s) need attention"):
             for p in problems[:200]:

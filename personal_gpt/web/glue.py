@@ -39,6 +39,7 @@ def warm_up() -> None:
         svc.store
         svc.templates()
         svc.jobs.start()  # resume knowledge files a restart interrupted
+        svc.start_privacy_cleanup()  # conversations past their GPT's retention: now, then hourly
     except PersonalGptError:
         pass  # the first page shows the sentence
 
@@ -212,8 +213,10 @@ def show_sources(citations: list[dict]) -> None:
                 st.text(passage)
 
 
-def show_messages(messages, avatar: str) -> None:
-    """Past turns as safe Markdown (markdown_safe.for_streamlit; st.markdown shows raw HTML as text)."""
+def show_messages(messages, avatar: str, feedback: dict | None = None, on_rate=None, key: str = "fb") -> None:
+    """Past turns as safe Markdown (markdown_safe.for_streamlit; st.markdown shows raw HTML as text).
+    With ``on_rate(message_id, rating, comment)``, every answer gets thumbs and a comment
+    (``feedback``: the saved ratings by message id)."""
     for m in messages:
         with st.chat_message(m.role, avatar=avatar_for(avatar) if m.role == "assistant" else None):
             st.markdown(for_streamlit(m.content))
@@ -222,6 +225,31 @@ def show_messages(messages, avatar: str) -> None:
                 if meta.get("finish_reason") == "cancelled":
                     st.caption("Stopped.")
                 show_sources(meta.get("citations") or [])
+                if on_rate is not None and getattr(m, "id", None):
+                    feedback_box(m.id, (feedback or {}).get(m.id), on_rate, key)
+
+
+def feedback_box(message_id: int, saved, on_rate, key: str = "fb") -> None:
+    """Thumbs up/down under an answer (saved at once) and, once rated, an optional comment.
+    ``saved``: the stored rating (anything with ``rating`` and ``comment``) or None;
+    ``on_rate(message_id, rating, comment)`` stores it (1 or -1)."""
+    stored = getattr(saved, "rating", None)
+    value = st.feedback("thumbs", key=f"{key}-{message_id}", default=None if stored is None else int(stored == 1))
+    if value is None:
+        return
+    rating = 1 if value == 1 else -1
+    comment = getattr(saved, "comment", "") or ""
+    if rating != stored:
+        if not succeeded(lambda: on_rate(message_id, rating, comment)):
+            return
+        st.toast("Thanks for your feedback.", icon="🙏")
+    with st.popover("Comment" if not comment else "Edit comment", icon="💬"):
+        with st.form(f"{key}-c-{message_id}", border=False):
+            text = st.text_area("What was good or wrong about this answer? (optional)", value=comment,
+                                max_chars=1000, key=f"{key}-ct-{message_id}")
+            if st.form_submit_button("Send comment"):
+                if succeeded(lambda: on_rate(message_id, rating, text)):
+                    st.toast("Thanks — your comment was saved.", icon="🙏")
 
 
 def stream_turn(send, message: str, avatar: str) -> bool:

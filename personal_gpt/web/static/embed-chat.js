@@ -139,6 +139,58 @@
     scroll();
   }
 
+  /* --- feedback on an answer: thumbs (aria-pressed) and an optional comment --- */
+  function addFeedback(m, messageId, rating) {
+    if (!messageId || m.querySelector(".rate")) { return; }
+    var box = el("div", "rate");
+    var current = rating === 1 || rating === -1 ? rating : null;
+    var up = el("button", "thumb", "\uD83D\uDC4D");
+    var down = el("button", "thumb", "\uD83D\uDC4E");
+    up.type = "button"; down.type = "button";
+    up.setAttribute("aria-label", "Good answer");
+    down.setAttribute("aria-label", "Bad answer");
+    var more = el("form", "rate-comment");
+    more.hidden = true;
+    var note = el("input", "rate-input");
+    note.type = "text"; note.maxLength = 1000;
+    note.setAttribute("aria-label", "What was wrong or right about this answer? (optional)");
+    note.placeholder = "Tell us more (optional)";
+    var sendNote = el("button", "rate-send", "Send");
+    sendNote.type = "submit";
+    more.appendChild(note); more.appendChild(sendNote);
+    var thanks = el("span", "rate-thanks");
+    thanks.setAttribute("role", "status");
+    function show() {
+      up.setAttribute("aria-pressed", current === 1 ? "true" : "false");
+      down.setAttribute("aria-pressed", current === -1 ? "true" : "false");
+    }
+    function post(value, comment) {
+      return call("POST", base + "/feedback", {
+        conversation: conversation, message: messageId, rating: value, comment: comment || ""
+      });
+    }
+    function choose(value) {
+      post(value, "").then(function () {
+        current = value; show();
+        thanks.textContent = "Thanks for your feedback.";
+        more.hidden = false;
+      }).catch(handle);
+    }
+    up.addEventListener("click", function () { choose(1); });
+    down.addEventListener("click", function () { choose(-1); });
+    more.addEventListener("submit", function (e) {
+      e.preventDefault();
+      if (current === null) { return; }
+      post(current, note.value).then(function () {
+        more.hidden = true;
+        thanks.textContent = "Thanks — your comment was sent.";
+      }).catch(handle);
+    });
+    show();
+    box.appendChild(up); box.appendChild(down); box.appendChild(thanks); box.appendChild(more);
+    m.appendChild(box);
+  }
+
   /* --- calls --- */
   function headers(json) {
     var h = {};
@@ -241,7 +293,10 @@
       var payload = {};
       try { payload = JSON.parse(data || "{}"); } catch (e) { return; }
       if (event === "piece") { text += payload.text || ""; body.textContent = text; scroll(); }
-      else if (event === "done") { m.classList.remove("streaming"); showHtml(m, payload.html, payload.citations); }
+      else if (event === "done") {
+        m.classList.remove("streaming"); showHtml(m, payload.html, payload.citations);
+        if (payload.id) { addFeedback(m, payload.id, null); }
+      }
       else if (event === "error") { m.classList.remove("streaming"); say(payload.message || "Something went wrong."); }
     }
     function pump() {
@@ -294,7 +349,10 @@
       if (theme.greeting) { addMessage("assistant", theme.greeting); }
       (d.messages || []).forEach(function (msg) {
         var m = addMessage(msg.role, msg.text);
-        if (msg.role === "assistant" && msg.html !== null) { showHtml(m, msg.html, msg.citations); }
+        if (msg.role === "assistant" && msg.html !== null) {
+          showHtml(m, msg.html, msg.citations);
+          addFeedback(m, msg.id, msg.rating);
+        }
       });
     }).catch(function (err) {
       store.del(CONV_KEY);
