@@ -16,14 +16,23 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from personal_gpt.store.schema import (
+    adapters,
+    api_keys,
     chunks,
     conversations,
+    corrections,
+    embed_settings,
+    feedback,
     gpt_versions,
     gpts,
+    job_metrics,
     jobs,
     knowledge_files,
+    login_states,
     messages,
+    privacy_settings,
     providers,
+    share_links,
     users,
 )
 
@@ -178,18 +187,78 @@ def get_version(conn: Connection, gpt_id: str, number: int) -> VersionRow | None
     return VersionRow(r.number, dict(r.spec), r.note, _aware(r.created_at)) if r else None
 
 
-def delete_gpt(conn: Connection, owner_id: int, gpt_id: str) -> bool:
+# Visitors without an account: anonymous browsers on links and widgets, and API callers
+# (subject = key id [+ ":" + the caller's user]). Their user rows exist only for the GPT's conversations.
+ANONYMOUS_ISSUERS = ("visitor", "api")
+
+
+@dataclass
+class DeletedGpt:
+    """What went with a deleted GPT, for the caches outside the database."""
+
+    conversation_ids: list[str]
+    share_link_ids: list[str]
+    api_key_ids: list[str]
+    adapter_ids: list[str]
+    visitors_removed: int
+
+
+def delete_gpt(conn: Connection, owner_id: int, gpt_id: str) -> DeletedGpt | None:
+    """Delete the GPT and every row that belongs to it, explicitly (not trusting ON DELETE
+    CASCADE alone): versions; every person's conversations, messages and feedback;
+    corrections; knowledge files and passages; jobs and their metrics (a running fine-tune
+    sees its job gone and stops); adapters; share links and logins in flight through them;
+    API keys; embed and privacy settings; and the anonymous visitors' and API callers'
+    user rows left without any conversation. None when ``owner_id`` has no such GPT."""
     if conn.execute(sa.select(gpts.c.id).where(gpts.c.id == gpt_id, gpts.c.owner_id == owner_id)).first() is None:
-        return False
-    conv_ids = sa.select(conversations.c.id).where(conversations.c.gpt_id == gpt_id)
-    conn.execute(sa.delete(messages).where(messages.c.conversation_id.in_(conv_ids)))
+        return None
+    if conn.dialect.name == "sqlite":  # deleted rows overwritten with zeros, not left in free pages
+        conn.exec_driver_sql("PRAGMA secure_delete=ON")
+    col = lambda table, name: sa.select(table.c[name]).where(table.c.gpt_id == gpt_id)  # noqa: E731
+    conv_ids = [r[0] for r in conn.execute(col(conversations, "id")).all()]
+    link_ids = [r[0] for r in conn.execute(col(share_links, "id")).all()]
+    key_ids = [r[0] for r in conn.execute(col(api_keys, "id")).all()]
+    adapter_ids = [r[0] for r in conn.execute(col(adapters, "id")).all()]
+    people = {r[0] for r in conn.execute(sa.select(conversations.c.user_id).distinct()
+                                         .where(conversations.c.gpt_id == gpt_id)).all()}
+    convs = col(conversations, "id")
+    message_ids = sa.select(messages.c.id).where(messages.c.conversation_id.in_(convs))
+    conn.execute(sa.delete(feedback).where(sa.or_(feedback.c.gpt_id == gpt_id, feedback.c.message_id.in_(message_ids))))
+    conn.execute(sa.delete(corrections).where(corrections.c.gpt_id == gpt_id))
+    conn.execute(sa.update(corrections).where(corrections.c.message_id.in_(message_ids)).values(message_id=None))
+    conn.execute(sa.delete(messages).where(messages.c.conversation_id.in_(convs)))
     conn.execute(sa.delete(conversations).where(conversations.c.gpt_id == gpt_id))
     conn.execute(sa.delete(chunks).where(chunks.c.gpt_id == gpt_id))
     conn.execute(sa.delete(knowledge_files).where(knowledge_files.c.gpt_id == gpt_id))
+    conn.execute(sa.delete(job_metrics).where(job_metrics.c.job_id.in_(col(jobs, "id"))))
     conn.execute(sa.delete(jobs).where(jobs.c.gpt_id == gpt_id))
+    conn.execute(sa.delete(adapters).where(adapters.c.gpt_id == gpt_id))
+    if link_ids:
+        conn.execute(sa.delete(login_states).where(login_states.c.return_link_id.in_(link_ids)))
+    conn.execute(sa.update(conversations).where(conversations.c.share_link_id.in_(col(share_links, "id")))
+                 .values(share_link_id=None))  # never another GPT's; be safe all the same
+    conn.execute(sa.delete(share_links).where(share_links.c.gpt_id == gpt_id))
+    conn.execute(sa.update(conversations).where(conversations.c.api_key_id.in_(col(api_keys, "id")))
+                 .values(api_key_id=None))
+    conn.execute(sa.delete(api_keys).where(api_keys.c.gpt_id == gpt_id))
+    conn.execute(sa.delete(embed_settings).where(embed_settings.c.gpt_id == gpt_id))
+    conn.execute(sa.delete(privacy_settings).where(privacy_settings.c.gpt_id == gpt_id))
     conn.execute(sa.delete(gpt_versions).where(gpt_versions.c.gpt_id == gpt_id))
     conn.execute(sa.delete(gpts).where(gpts.c.id == gpt_id))
-    return True
+    removed = 0
+    still_chatting = sa.select(conversations.c.id).where(conversations.c.user_id == users.c.id).exists()
+    if people:
+        removed += conn.execute(
+            sa.delete(users).where(users.c.id.in_(people), users.c.issuer.in_(ANONYMOUS_ISSUERS), ~still_chatting)
+        ).rowcount
+    for key_id in key_ids:  # API callers of the GPT's keys whose call left no conversation (e.g. it failed)
+        removed += conn.execute(
+            sa.delete(users).where(
+                users.c.issuer == "api", ~still_chatting,
+                sa.or_(users.c.subject == key_id, users.c.subject.startswith(key_id + ":", autoescape=True)),
+            )
+        ).rowcount
+    return DeletedGpt(conv_ids, link_ids, key_ids, adapter_ids, removed)
 
 
 # --- conversations ----------------------------------------------------------

@@ -7,7 +7,6 @@ ChatModel seam counts the calls) and with nothing saved or counted."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -24,6 +23,7 @@ from personal_gpt.store import repos
 from personal_gpt.store import sharing as links
 from personal_gpt.store.schema import embed_settings, messages, share_links
 from tests.support.fake_model import EchoModel, FakeRegistry
+from tests.support.pg import fresh_database
 
 ALICE = Principal(issuer="https://idp.example", subject="alice", email="alice@example.com", email_verified=True)
 NOW = datetime(2026, 3, 14, 12, 0, 0, tzinfo=timezone.utc)
@@ -127,21 +127,13 @@ def svc(request, home):
         yield s
         s.close()
         return
-    pg = request.getfixturevalue("postgres_url")
-    admin = sa.create_engine(pg, isolation_level="AUTOCOMMIT")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(pg).set(database=name).render_as_string(hide_password=False)
-    s = Services(Settings(home=base.home, database_url=url, templates_dir=base.templates_dir,
-                          model_cache=base.model_cache), models=FakeRegistry(EchoModel()))
-    try:
-        yield s
-    finally:
-        s.close()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(request.getfixturevalue("postgres_url")) as url:
+        s = Services(Settings(home=base.home, database_url=url, templates_dir=base.templates_dir,
+                              model_cache=base.model_cache), models=FakeRegistry(EchoModel()))
+        try:
+            yield s
+        finally:
+            s.close()
 
 
 def new_gpt(svc, name="Bloom helper"):
