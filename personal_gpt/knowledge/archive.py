@@ -235,9 +235,10 @@ class _XmlScanner:
 
 
 def _inflate_member(f, info: zipfile.ZipInfo, label: str, limits: ArchiveLimits, budget: int,
-                    scanner: _XmlScanner | None) -> int:
+                    scanner: _XmlScanner | None, sink=None) -> int:
     """Bytes the member really unpacks to; raises InvalidUpload on a cap, bad
-    data or forbidden XML. ``budget`` is what the whole archive has left."""
+    data or forbidden XML. ``budget`` is what the whole archive has left.
+    ``sink(chunk)``, when given, receives the unpacked bytes as they are checked."""
     f.seek(info.header_offset)
     header = f.read(30)
     if len(header) < 30 or header[:4] != _LOCAL:
@@ -257,6 +258,8 @@ def _inflate_member(f, info: zipfile.ZipInfo, label: str, limits: ArchiveLimits,
         crc = zlib.crc32(out, crc)
         if scanner is not None and scanner.feed(out):
             raise InvalidUpload(UNSAFE_XML)
+        if sink is not None and out:
+            sink(out)
 
     if info.compress_type == zipfile.ZIP_STORED:
         left = info.compress_size
@@ -284,6 +287,13 @@ def _inflate_member(f, info: zipfile.ZipInfo, label: str, limits: ArchiveLimits,
     if produced != info.file_size or (crc & 0xFFFFFFFF) != info.CRC:
         raise InvalidUpload(damaged(label))
     return produced
+
+
+def inflate_member(f, info: zipfile.ZipInfo, label: str, limits: ArchiveLimits, budget: int, sink) -> int:
+    """The bounded inflate for other readers (GPT bundles): ``sink(chunk)`` gets the
+    bytes as they are produced, counted and capped; the CRC and the measured size
+    are checked at the end. InvalidUpload on any cap or damage."""
+    return _inflate_member(f, info, label, limits, budget, None, sink)
 
 
 def check_archive(path: Path, label: str = "ZIP", *, forbid_doctype: bool = True,
