@@ -22,6 +22,8 @@ if __name__ == "__main__":
         st.Page("pages/my_gpts.py", title="My GPTs", icon="🏠", default=True, url_path="gpts"),
         st.Page("pages/builder.py", title="Builder", icon="🛠️", url_path="builder"),
         st.Page("pages/chat.py", title="Chat", icon="💬", url_path="chat"),
+        st.Page("pages/conversations.py", title="Conversations", icon="🗂️", url_path="conversations"),
+        st.Page("pages/analytics.py", title="Analytics", icon="📊", url_path="analytics"),
         st.Page("pages/settings.py", title="Settings", icon="⚙️", url_path="settings"),
         shared,  # a client who came through /s/<token>: listed (so /shared is found) but never shown
     ]

@@ -27,7 +27,7 @@ except glue.PersonalGptError as exc:
 spec = gpt.spec
 k = f"{gpt.id}-{gpt.revision}"  # widget keys: a saved/restored revision re-reads the stored values
 
-head = st.columns([6, 2])
+head = st.columns([6, 2, 2, 2])
 head[0].title(f"{spec.avatar if not spec.avatar.startswith('data:') else '🖼️'} {spec.name}")
 if gpt.published_version:
     status = f"Published v{gpt.published_version}"
@@ -38,9 +38,11 @@ else:
     head[0].caption(f":orange[●] Draft v{gpt.latest_version} — not published yet")
 if gpt.published_version and head[1].button("Open chat", icon="💬", width="stretch"):
     st.switch_page("pages/chat.py", query_params={"gpt": gpt.id})
+head[2].page_link("pages/conversations.py", label="Conversations", icon="🗂️", query_params={"gpt": gpt.id})
+head[3].page_link("pages/analytics.py", label="Analytics", icon="📊", query_params={"gpt": gpt.id})
 
-configure, knowledge_tab, test_tab, finetune_tab, share_tab, versions_tab = st.tabs(
-    ["Configure", "Knowledge", "Test", "Fine-tune", "Share", "Versions"]
+configure, knowledge_tab, test_tab, finetune_tab, share_tab, privacy_tab, versions_tab, export_tab = st.tabs(
+    ["Configure", "Knowledge", "Test", "Fine-tune", "Share", "Privacy", "Versions", "Export"]
 )
 
 with configure:
@@ -172,7 +174,9 @@ with configure:
             conv_id = st.session_state.get(conv_key)
             if conv_id:
                 with glue.friendly_errors():
-                    glue.show_messages(svc.messages(me, conv_id), avatar)
+                    glue.show_messages(svc.messages(me, conv_id), avatar, feedback=svc.answer_feedback(me, conv_id),
+                                       on_rate=lambda mid, r, c: svc.rate_answer(me, conv_id, mid, r, c),
+                                       key=f"pfb-{conv_id}")
             elif draft_spec and draft_spec.starters:
                 st.caption("Try a starter:")
                 for i, s in enumerate(draft_spec.starters):
@@ -300,6 +304,16 @@ with share_tab:
     from personal_gpt.web import share_tab as share_ui
 
     share_ui.render(svc, me, gpt)
+
+with privacy_tab:
+    from personal_gpt.web import privacy_tab as privacy_ui
+
+    privacy_ui.render_privacy(svc, me, gpt.id)
+
+with export_tab:
+    from personal_gpt.web import bundle_ui
+
+    bundle_ui.render_export(svc, me, gpt.id)
 
 with versions_tab:
     versions = svc.versions(me, gpt.id)

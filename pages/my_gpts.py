@@ -82,8 +82,15 @@ with glue.friendly_errors():
                 if b2.button("Chat", key=f"chat-{g.id}", icon="💬", width="stretch", disabled=not g.is_published,
                              help=None if g.is_published else "Publish it in the builder first."):
                     st.switch_page("pages/chat.py", query_params={"gpt": g.id})
+                l1, l2 = st.columns(2)
+                l1.page_link("pages/conversations.py", label="Conversations", icon="🗂️", query_params={"gpt": g.id})
+                l2.page_link("pages/analytics.py", label="Analytics", icon="📊", query_params={"gpt": g.id})
 
     st.subheader("Start a new GPT")
+    with st.expander("Import a GPT from a bundle file (.zip)", icon="📦"):
+        from personal_gpt.web import bundle_ui
+
+        bundle_ui.render_import(svc, me)
     templates = svc.templates()
     cols = st.columns(4)
     for i, tpl in enumerate(templates):

@@ -374,6 +374,12 @@ def _register_groups() -> None:
     cli_share.register(main)
     cli_eval.register(main)
     cli_keys.register(main)
+    from personal_gpt import cli_privacy
+
+    cli_privacy.register(main)
+    from personal_gpt import cli_bundle
+
+    cli_bundle.register(main)
 
 
 _register_groups()

@@ -26,10 +26,14 @@ from personal_gpt.config import Settings
 from personal_gpt.errors import Conflict, InvalidInput, NotFound
 from personal_gpt.gpts import GptSpec
 from personal_gpt.services_accounts import AccountMethods
+from personal_gpt.services_analytics import AnalyticsMethods
 from personal_gpt.services_api import ApiMethods
+from personal_gpt.services_bundle import BundleMethods
+from personal_gpt.services_conversations import ConversationMethods
 from personal_gpt.services_embed import EmbedMethods
 from personal_gpt.services_finetune import FinetuneMethods
 from personal_gpt.services_knowledge import I_DONT_KNOW, KnowledgeMethods
+from personal_gpt.services_privacy import PrivacyMethods
 from personal_gpt.services_sharing import SharingMethods
 from personal_gpt.store import open_store, repos
 
@@ -122,7 +126,10 @@ class Provider:
         return f"openai:{self.id}"
 
 
-class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods, ApiMethods, EmbedMethods):
+class Services(
+    KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods, ApiMethods, EmbedMethods,
+    ConversationMethods, AnalyticsMethods, BundleMethods, PrivacyMethods,
+):
     def __init__(self, settings: Settings | None = None, models=None):
         self.settings = settings or Settings.from_env()
         self.settings.ensure_home()
@@ -151,6 +158,7 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
         return SecretBox(self.settings.secret_key_file)
 
     def close(self) -> None:
+        self.stop_privacy_cleanup()
         if "jobs" in self.__dict__:
             self.jobs.stop()
         if "models" in self.__dict__:
@@ -329,13 +337,28 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
         return self.create_gpt(p, spec=spec)
 
     def delete_gpt(self, p: Principal, gpt_id: str) -> None:
+        """Delete the GPT and everything it owns: every table's rows (``repos.delete_gpt``),
+        its folder (knowledge originals, fine-tune data, adapters), its search index and
+        loaded adapters in memory, unrecorded turns remembered for its conversations. A
+        running fine-tune sees its job gone at its next step and stops."""
         uid = self._uid(p)
         with self.store.tx() as conn:
-            if not repos.delete_gpt(conn, uid, _check_id(gpt_id, "GPT")):
+            gone = repos.delete_gpt(conn, uid, _check_id(gpt_id, "GPT"))
+            if gone is None:
                 raise NotFound("There is no GPT with that id.")
+        self._closed_links().update(gone.share_link_ids)  # a reply streaming through a link stops
+        from personal_gpt.store.privacy import flush_deleted
+
+        flush_deleted(self.store.engine)  # SQLite: deleted pages leave the write-ahead log now
         self.blobs.delete_gpt(gpt_id)
         if "retriever" in self.__dict__:
             self.retriever.forget(gpt_id)
+        if "models" in self.__dict__ and callable(getattr(self.models, "forget_adapter", None)):
+            for adapter_id in gone.adapter_ids:
+                self.models.forget_adapter(adapter_id)
+        self.unrecorded_texts.drop(gone.conversation_ids)
+        log.info("GPT %s deleted with %d conversations, %d anonymous visitors", gpt_id,
+                 len(gone.conversation_ids), gone.visitors_removed)
 
     # -- models ---------------------------------------------------------------
 
@@ -474,7 +497,8 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
         uid = self._uid(p)
         with self.store.read() as conn:
             self._conv(conn, uid, conv_id)
-            return repos.list_messages(conn, conv_id)
+            rows = repos.list_messages(conn, conv_id)
+        return self._live_messages(conv_id, rows)
 
     def send(self, p: Principal, conv_id: str, message: str, spec: GptSpec | None = None) -> chat.Reply:
         """Save the person's message and return a Reply whose ``pieces`` stream the
@@ -486,7 +510,7 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
         uid = self._uid(p)
         with self.store.read() as conn:
             conv = self._conv(conn, uid, conv_id)
-            history = [{"role": m.role, "content": m.content} for m in repos.list_messages(conn, conv_id)]
+            history = self._history(conv_id, repos.list_messages(conn, conv_id))
         if spec is None:
             spec, _ = self.published_spec(p, conv.gpt_id)
         return self._answer(conv_id, conv.gpt_id, history, message, spec, uid)
@@ -503,21 +527,27 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
         from personal_gpt.knowledge import grounding
         from personal_gpt.knowledge.retrieval import citations, grounded_context_block, trim
 
+        privacy = self._turn_privacy(gpt_id)  # what this turn stores: text, nothing, or redacted
         passages, evidence = [], []
-        if self.retriever.has_knowledge(gpt_id):
+        has_knowledge = self.retriever.has_knowledge(gpt_id)
+        if has_knowledge:
             passages = self.retriever.relevant(gpt_id, message)
         if passages:
             evidence = grounding.find_evidence(message, passages, self.embedder.encode)
             passages, evidence = trim(passages, evidence)
+        retrieval = None
+        if has_knowledge:  # analytics: questions the knowledge could not answer
+            retrieval = {"passages": len(passages),
+                         "best_evidence": round(max((e.score for e in evidence), default=0.0), 4)}
         refusal = refusal_message(spec, I_DONT_KNOW)
         before = grounding.judge_question(message, passages, evidence, spec.strictness) if spec.knowledge_only else None
         if before is not None and before.action == "refuse":
             reply = chat.Reply(model_name="knowledge only", grounding={"action": "refuse", "reason": before.reason,
-                                                                       **before.scores})
+                                                                       **before.scores}, retrieval=retrieval)
             pieces = chat.fixed_answer(refusal, reply)
         else:
             model = self._model_for_uid(owner_uid, spec, gpt_id)
-            reply = chat.Reply(model_name=model.name, citations=citations(passages, evidence))
+            reply = chat.Reply(model_name=model.name, citations=citations(passages, evidence), retrieval=retrieval)
             context = grounded_context_block(passages, evidence) if passages else ""
             if spec.knowledge_only:  # a short answer is all that is kept: do not wait for a long one
                 gen = spec.generation.model_copy(update={"max_new_tokens": min(spec.generation.max_new_tokens,
@@ -534,8 +564,10 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
             pieces = guard(pieces, reply)
         first = next(pieces, None)  # validation and model errors surface here, before anything is saved
         with self.store.tx() as conn:
-            repos.add_message(conn, conv_id, "user", message)
-        reply.pieces = self._save_when_done(conv_id, reply, first, pieces)
+            asked_id = repos.add_message(conn, conv_id, "user", self._stored_text(privacy, message),
+                                         self._stored_meta(privacy, None))
+        self._remember_unrecorded(privacy, conv_id, asked_id, message)
+        reply.pieces = self._save_when_done(conv_id, reply, first, pieces, privacy)
         return reply
 
     @staticmethod
@@ -562,15 +594,21 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
         uid = self._uid(p)
         with self.store.read() as conn:
             self._conv(conn, uid, conv_id)
-            msgs = repos.list_messages(conn, conv_id)
+            msgs = self._live_messages(conv_id, repos.list_messages(conn, conv_id), missing="")
         last_user = next((m for m in reversed(msgs) if m.role == "user"), None)
         if last_user is None:
             raise InvalidInput("There is no message to answer again yet.")
+        if (last_user.meta or {}).get("unrecorded") and not last_user.content:
+            raise InvalidInput("This conversation is not recorded, so its last message is no longer here to "
+                               "answer again: type it again.")
         with self.store.tx() as conn:
             repos.delete_messages_from(conn, conv_id, last_user.id)
         return self.send(p, conv_id, last_user.content, spec=spec)
 
-    def _save_when_done(self, conv_id: str, reply: chat.Reply, first: str | None, rest: Iterator[str]) -> Iterator[str]:
+    def _save_when_done(self, conv_id: str, reply: chat.Reply, first: str | None, rest: Iterator[str],
+                        privacy=None) -> Iterator[str]:
+        """Stream the answer; save it when the stream ends or is stopped, as ``privacy``
+        (the GPT's PrivacySettings; None: as is) says: the text, nothing, or redacted."""
         try:
             if first is not None:
                 yield first
@@ -579,4 +617,7 @@ class Services(KnowledgeMethods, FinetuneMethods, SharingMethods, AccountMethods
             rest.close()  # a stop closes us first: let the chat path mark the answer cancelled
             if reply.text or reply.usage.finish_reason:
                 with self.store.tx() as conn:
-                    repos.add_message(conn, conv_id, "assistant", reply.text, reply.meta)
+                    reply.message_id = repos.add_message(conn, conv_id, "assistant",
+                                                         self._stored_text(privacy, reply.text),
+                                                         self._stored_meta(privacy, reply.meta))
+                self._remember_unrecorded(privacy, conv_id, reply.message_id, reply.text)

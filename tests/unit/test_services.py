@@ -16,6 +16,7 @@ from personal_gpt.config import Settings
 from personal_gpt.errors import Conflict, InvalidInput, NotFound, StoreError
 from personal_gpt.services import Services
 from tests.support.fake_model import EchoModel, FakeRegistry
+from tests.support.pg import fresh_database
 
 ALICE = Principal(issuer="https://idp.example", subject="alice", email="alice@example.com", email_verified=True)
 BOB = Principal(issuer="https://idp.example", subject="bob", email="bob@example.com", email_verified=True)
@@ -27,19 +28,9 @@ def settings(request, home: Path) -> Settings:
     if request.param == "sqlite":
         yield base
         return
-    pg = request.getfixturevalue("postgres_url")
-    # one fresh schema per test: a new database keeps tests independent
-    admin = sa.create_engine(pg, isolation_level="AUTOCOMMIT")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = sa.engine.make_url(pg).set(database=name).render_as_string(hide_password=False)
-    yield Settings(home=base.home, database_url=url, templates_dir=base.templates_dir)
-    admin = sa.create_engine(pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    # one fresh database per test keeps tests independent
+    with fresh_database(request.getfixturevalue("postgres_url")) as url:
+        yield Settings(home=base.home, database_url=url, templates_dir=base.templates_dir)
 
 
 @pytest.fixture
@@ -270,6 +261,9 @@ ID_METHODS = {
     "active_adapter": lambda s, ids: s.active_adapter(BOB, ids["gpt"]),
     "delete_adapter": lambda s, ids: s.delete_adapter(BOB, ids["gpt"], 1),
     "export_adapter": lambda s, ids: s.export_adapter(BOB, ids["gpt"], 1, "/tmp/never-written"),
+    # bundles and save as template (tests/unit/test_bundle.py covers A's own)
+    "export_gpt": lambda s, ids: s.export_gpt(BOB, ids["gpt"], Path("/tmp/never-written.zip")),
+    "save_as_template": lambda s, ids: s.save_as_template(BOB, ids["gpt"], key="stolen-template"),
     # embed widget (creator side scoped to the owner; visitor side: A's embed is off or the conversation is A's)
     "embed_settings": lambda s, ids: s.embed_settings(BOB, ids["gpt"]),
     "save_embed_settings": lambda s, ids: s.save_embed_settings(BOB, ids["gpt"], sites=["https://evil.example"]),
@@ -289,7 +283,34 @@ ID_METHODS = {
     "revoke_api_key": lambda s, ids: s.revoke_api_key(BOB, _alice_key(s, ids)),
     "api_conversations": lambda s, ids: s.api_conversations(BOB, ids["gpt"]),
     "api_conversation_messages": lambda s, ids: s.api_conversation_messages(BOB, ids["gpt"], _alice_api_call(s, ids)),
+    # privacy (tests/unit/test_privacy.py and test_delete_everything.py cover A's own)
+    "privacy_settings": lambda s, ids: s.privacy_settings(BOB, ids["gpt"]),
+    "save_privacy_settings": lambda s, ids: s.save_privacy_settings(BOB, ids["gpt"], record=False),
+    "delete_old_conversations": lambda s, ids: s.delete_old_conversations(BOB, ids["gpt"], 1),
+    # analytics (tests/unit/test_analytics.py covers figures and owner scoping)
+    "analytics": lambda s, ids: s.analytics(BOB, ids["gpt"]),
+    "conversations_table": lambda s, ids: s.conversations_table(BOB, ids["gpt"]),
+    # conversations page, feedback, corrected answers (tests/unit/test_conversations.py covers the rest)
+    "creator_conversations": lambda s, ids: s.creator_conversations(BOB, ids["gpt"]),
+    "conversation_filters": lambda s, ids: s.conversation_filters(BOB, ids["gpt"]),
+    "creator_conversation": lambda s, ids: s.creator_conversation(BOB, ids["conv"]),
+    "rate_answer": lambda s, ids: s.rate_answer(BOB, ids["conv"], _alice_answer(s, ids), 1),
+    "answer_feedback": lambda s, ids: s.answer_feedback(BOB, ids["conv"]),
+    "rate_shared_answer": lambda s, ids: s.rate_shared_answer(_alice_link(s, ids), _bob_visiting(), ids["conv"],
+                                                              _alice_answer(s, ids), 1),
+    "shared_answer_feedback": lambda s, ids: s.shared_answer_feedback(_alice_link(s, ids), _bob_visiting(), ids["conv"]),
+    "rate_embed_answer": lambda s, ids: s.rate_embed_answer(_alice_embed(s, ids), _bob_visiting(), ids["conv"],
+                                                            _alice_answer(s, ids), 1),
+    "embed_answer_feedback": lambda s, ids: s.embed_answer_feedback(_alice_embed(s, ids), _bob_visiting(), ids["conv"]),
+    "fix_answer": lambda s, ids: s.fix_answer(BOB, _alice_answer(s, ids), "stolen", "finetune"),
+    "list_corrections": lambda s, ids: s.list_corrections(BOB, ids["gpt"]),
+    "delete_correction": lambda s, ids: s.delete_correction(
+        BOB, s.fix_answer(ALICE, _alice_answer(s, ids), "right", "finetune").id),
 }
+
+
+def _alice_answer(s, ids):
+    return s.messages(ALICE, ids["conv"])[-1].id
 
 
 def _alice_key(s, ids):
@@ -333,7 +354,7 @@ def test_every_id_taking_method_is_covered():
     """A new service method that takes an id must be added to ID_METHODS."""
     from personal_gpt.services import Services
 
-    ids = ("gpt_id", "conv_id", "provider_id", "link_id", "job_id", "key_id")
+    ids = ("gpt_id", "conv_id", "provider_id", "link_id", "job_id", "key_id", "message_id", "correction_id")
     takes_id = {
         name for name, fn in inspect.getmembers(Services, inspect.isfunction)
         if not name.startswith("_") and any(p in inspect.signature(fn).parameters for p in ids)
