@@ -189,7 +189,11 @@ def render(svc, me, gpt_id: str) -> None:
                     "use your share links, widget or API.", icon="💬")
     else:
         st.dataframe(_table(rows), hide_index=True, width="stretch", height=min(38 * (len(rows) + 1), 360),
-                     column_config={"When": st.column_config.DatetimeColumn("When", format="D MMM YYYY, HH:mm")})
+                     column_config={"When": st.column_config.DatetimeColumn("When", format="D MMM YYYY, HH:mm"),
+                                    "Title": st.column_config.TextColumn("Title", width="medium"),
+                                    "Messages": st.column_config.NumberColumn("Messages", width="small"),
+                                    "👍": st.column_config.NumberColumn("👍", width="small"),
+                                    "👎": st.column_config.NumberColumn("👎", width="small")})
         label = {r.id: f"{glue.when(r.created_at)} · {where(r)} · {r.title or '(no title)'}"[:120] for r in rows}
         pick = st.selectbox("Open a conversation", [r.id for r in rows], index=None, format_func=label.get,
                             key=f"cv-open-{gpt_id}", placeholder="Choose one to read it")
