@@ -331,6 +331,9 @@ def main() -> int:
         out["baseline"]["citation_accuracy"] = None  # handed the gold paragraph; cites nothing
         out["answers"] = [{"question": i.question, "unanswerable": i.unanswerable, "answer": i.answer,
                            "gold": i.answers, "cited": (i.citations[0].get("text") if i.citations else None),
+                           "cited_ok": i.cited_ok,
+                           "citations": [{"n": c.get("n"), "page": c.get("page"), "text": c.get("text"),
+                                          "passage": c.get("passage")} for c in i.citations],
                            "baseline": b.answer, "verdict": i.verdict, "baseline_verdict": b.verdict}
                           for i, b in zip(ours.items, base.items)]
         quotes = sum(1 for i in ours.items if i.answer.startswith("The files say:"))
