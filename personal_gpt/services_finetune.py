@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -93,6 +94,19 @@ class AdapterVersion:
         out["path"] = str(self.path)
         out["created_at"] = self.created_at.isoformat() if self.created_at else None
         return out
+
+
+@dataclass
+class TrainingSet:
+    """A data set saved by an earlier fine-tune (or brought in by an imported bundle)."""
+
+    name: str  # the folder under the GPT's finetune/: a job id or "imported-N"
+    label: str
+    examples: int
+    saved_at: datetime
+
+
+_SET_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def _sentence_list(items: list[str], limit: int = 3) -> str:
@@ -233,6 +247,38 @@ class FinetuneMethods:
         return pairs_from_passages(passages, limit=int(limit))
 
     # -- jobs -------------------------------------------------------------------------
+
+    def training_sets(self, p: Principal, gpt_id: str) -> list[TrainingSet]:
+        """The data sets earlier fine-tunes saved (and imported bundles brought), newest
+        first, so a creator can train again on them (after editing) without the file."""
+        from datetime import timezone
+
+        _, row = self._owned_gpt(p, gpt_id)
+        root = self._gpt_dir(row.id) / "finetune"
+        found = []
+        for path in sorted(root.glob("*/dataset.jsonl")) if root.is_dir() else []:
+            name = path.parent.name
+            if not _SET_NAME.match(name) or path.is_symlink():
+                continue
+            with open(path, encoding="utf-8") as f:
+                count = sum(1 for line in f if line.strip())
+            saved = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
+            what = "Imported with the GPT" if name.startswith("imported-") else "Used by the fine-tune of"
+            label = f"{what} {saved:%d %b %Y, %H:%M} UTC ({count:,} example{'s' if count != 1 else ''})"
+            found.append(TrainingSet(name, label, count, saved))
+        return sorted(found, key=lambda t: t.saved_at, reverse=True)
+
+    def load_training_set(self, p: Principal, gpt_id: str, name: str) -> list:
+        """The examples of one of ``training_sets``; an unknown name raises NotFound."""
+        from personal_gpt.finetune.data import read_jsonl
+
+        _, row = self._owned_gpt(p, gpt_id)
+        if not isinstance(name, str) or not _SET_NAME.match(name):
+            raise NotFound("There is no saved training data with that name.")
+        path = self._gpt_dir(row.id) / "finetune" / name / "dataset.jsonl"
+        if not path.is_file() or path.is_symlink():
+            raise NotFound("There is no saved training data with that name.")
+        return read_jsonl(path)
 
     def start_finetune(self, p: Principal, gpt_id: str, examples: list, settings: dict | None = None, *,
                        start_worker: bool = True) -> str:

@@ -18,6 +18,7 @@ DATA_TYPES = ["jsonl", "json", "csv", "tsv", "xlsx", "txt"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 AUTO = "(automatic)"
 CORRECTIONS = "Corrected answers from conversations"
+EARLIER = "Data from an earlier fine-tune or import"
 
 
 def render(svc, me, gpt) -> None:
@@ -228,9 +229,11 @@ def _new_finetune(svc, me, gpt) -> None:
 
     st.subheader("New fine-tune")
     fixes = svc.list_corrections(me, gpt.id, target="finetune")
-    source = st.radio("Training data", ["Upload examples", "Make pairs from my knowledge files", CORRECTIONS],
+    saved_sets = svc.training_sets(me, gpt.id)
+    source = st.radio("Training data", ["Upload examples", "Make pairs from my knowledge files", CORRECTIONS, EARLIER],
                       horizontal=True, key=f"ft-src-{gpt.id}",
-                      format_func=lambda s: f"{s} ({len(fixes)})" if s == CORRECTIONS else s)
+                      format_func=lambda s: f"{s} ({len(fixes)})" if s == CORRECTIONS
+                      else f"{s} ({len(saved_sets)})" if s == EARLIER else s)
     examples_key = f"ft-examples-{gpt.id}"
     problems: list[str] = []
     if source == "Upload examples":
@@ -266,6 +269,18 @@ def _new_finetune(svc, me, gpt) -> None:
                     "“Add to fine-tuning data”.", icon="🛠️")
             return
         examples = _from_corrections(fixes)
+    elif source == EARLIER:
+        if not saved_sets:
+            st.info("No saved training data yet: every fine-tune keeps the data it used, and an imported GPT "
+                    "brings its own.", icon="🗂️")
+            return
+        labels = {t.name: t.label for t in saved_sets}
+        name = st.selectbox("Which data", list(labels), format_func=labels.get, key=f"ft-set-{gpt.id}")
+        try:
+            examples = svc.load_training_set(me, gpt.id, name)
+        except glue.PersonalGptError as exc:
+            st.error(str(exc), icon="⚠️")
+            return
     else:
         n = st.number_input("How many pairs", 5, 500, 50, step=5, key=f"ft-npairs-{gpt.id}")
         if st.button("Make training pairs", icon="🪄", key=f"ft-mkpairs-{gpt.id}"):

@@ -127,3 +127,46 @@ def test_pairs_from_knowledge_report_start_and_cancel(svc):
     at.button(key="ftcancel-yes").click().run()
     assert not at.exception
     assert svc.finetune_jobs(ME, g.id)[0].status == "cancelled"
+
+
+def test_data_of_an_earlier_fine_tune_is_offered_again(svc):
+    """Every fine-tune keeps the data it trained on (and an imported GPT brings its own):
+    the tab offers it as a source, loads it into the editable table, and nobody else's
+    GPT or a made-up name reaches it."""
+    from personal_gpt.errors import NotFound
+    from personal_gpt.finetune.data import Example, write_jsonl
+
+    g = svc.create_gpt(ME, name="Shop")
+    examples = [Example.single(f"Do you open on day {i}?", f"Yes, from 9 to 5 on day {i}.") for i in range(12)]
+    job_id = svc.start_finetune(ME, g.id, examples, {"epochs": 1}, start_worker=False)
+    write_jsonl(examples[:3], svc.settings.home / "gpts" / g.id / "finetune" / "imported-1" / "dataset.jsonl")
+
+    sets = svc.training_sets(ME, g.id)
+    assert {s.name: s.examples for s in sets} == {job_id: 12, "imported-1": 3}
+    assert [e.messages for e in svc.load_training_set(ME, g.id, job_id)] == [e.messages for e in examples]
+    for bad in ("../" + job_id, "imported-9", "", "a/b"):
+        with pytest.raises(NotFound):
+            svc.load_training_set(ME, g.id, bad)
+    bob = Principal(issuer="https://idp.example", subject="bob")
+    with pytest.raises(NotFound):
+        svc.training_sets(bob, g.id)
+    with pytest.raises(NotFound):
+        svc.load_training_set(bob, g.id, job_id)
+
+    import sqlalchemy as sa
+
+    from personal_gpt.store.schema import jobs
+
+    with svc.store.tx() as conn:  # as a worker leaves a finished run: its data set stays in the job's folder
+        conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(status="done", progress=1.0))
+    at = builder(g.id)
+    source = at.radio(key=f"ft-src-{g.id}")
+    assert "Data from an earlier fine-tune or import (2)" in source.options
+    source.set_value("Data from an earlier fine-tune or import").run()
+    assert not at.exception
+    at.selectbox(key=f"ft-set-{g.id}").set_value(job_id).run()
+    assert not at.exception
+    frames = [f.value for f in at.get("arrow_data_frame")] or [f.value for f in at.dataframe]
+    table = next(f for f in frames if "prompt" in f.columns)  # the editable table of what will be trained on
+    assert list(table["prompt"])[:2] == ["Do you open on day 0?", "Do you open on day 1?"]
+    assert len(table) == 12

@@ -304,6 +304,8 @@ ID_METHODS = {
     "embed_answer_feedback": lambda s, ids: s.embed_answer_feedback(_alice_embed(s, ids), _bob_visiting(), ids["conv"]),
     "fix_answer": lambda s, ids: s.fix_answer(BOB, _alice_answer(s, ids), "stolen", "finetune"),
     "list_corrections": lambda s, ids: s.list_corrections(BOB, ids["gpt"]),
+    "training_sets": lambda s, ids: s.training_sets(BOB, ids["gpt"]),
+    "load_training_set": lambda s, ids: s.load_training_set(BOB, ids["gpt"], "imported-1"),
     "delete_correction": lambda s, ids: s.delete_correction(
         BOB, s.fix_answer(ALICE, _alice_answer(s, ids), "right", "finetune").id),
 }
