@@ -36,6 +36,27 @@ def _window(col, since: datetime | None, until: datetime | None) -> list:
     return out
 
 
+def _who_and_where() -> tuple:
+    """A conversation's GPT, source, person and where it came from (link, site, API key)."""
+    return (
+        conversations.c.gpt_id, gpts.c.name.label("gpt_name"), conversations.c.source,
+        conversations.c.user_id.label("person_id"), users.c.issuer, users.c.subject, users.c.email,
+        (conversations.c.user_id == gpts.c.owner_id).label("is_owner"),
+        conversations.c.share_link_id, share_links.c.label.label("link_label"), conversations.c.site,
+        conversations.c.api_key_id, api_keys.c.name.label("key_name"), api_keys.c.hint.label("key_hint"),
+    )
+
+
+def _with_who_and_where(joined):
+    """``joined`` (which holds ``conversations``) with the tables ``_who_and_where`` reads."""
+    return (
+        joined.join(gpts, gpts.c.id == conversations.c.gpt_id)
+        .join(users, users.c.id == conversations.c.user_id)
+        .outerjoin(share_links, share_links.c.id == conversations.c.share_link_id)
+        .outerjoin(api_keys, api_keys.c.id == conversations.c.api_key_id)
+    )
+
+
 def conversation_rows(
     conn: Connection, owner_id: int, gpt_id: str | None, since: datetime | None, until: datetime | None,
     include_test: bool = False,
@@ -49,21 +70,9 @@ def conversation_rows(
         .subquery("first_message")
     )
     q = (
-        sa.select(
-            conversations.c.id.label("conversation_id"), conversations.c.gpt_id, gpts.c.name.label("gpt_name"),
-            conversations.c.source, conversations.c.user_id.label("person_id"), users.c.issuer, users.c.subject,
-            users.c.email, (conversations.c.user_id == gpts.c.owner_id).label("is_owner"),
-            conversations.c.share_link_id, share_links.c.label.label("link_label"), conversations.c.site,
-            conversations.c.api_key_id, api_keys.c.name.label("key_name"), api_keys.c.hint.label("key_hint"),
-            first.c.started_at, first.c.message_count,
-        )
-        .select_from(
-            conversations.join(gpts, gpts.c.id == conversations.c.gpt_id)
-            .join(users, users.c.id == conversations.c.user_id)
-            .join(first, first.c.conversation_id == conversations.c.id)
-            .outerjoin(share_links, share_links.c.id == conversations.c.share_link_id)
-            .outerjoin(api_keys, api_keys.c.id == conversations.c.api_key_id)
-        )
+        sa.select(conversations.c.id.label("conversation_id"), *_who_and_where(), first.c.started_at,
+                  first.c.message_count)
+        .select_from(_with_who_and_where(conversations.join(first, first.c.conversation_id == conversations.c.id)))
         .where(*_window(first.c.started_at, since, until))
         .order_by(first.c.started_at, conversations.c.id)
     )
@@ -85,22 +94,13 @@ def message_rows(
     conversation's where/who columns and the answer's rating (None when unrated)."""
     q = (
         sa.select(
-            messages.c.id.label("message_id"), messages.c.conversation_id, conversations.c.gpt_id,
-            gpts.c.name.label("gpt_name"), conversations.c.source, conversations.c.user_id.label("person_id"),
-            users.c.issuer, users.c.subject, users.c.email,
-            (conversations.c.user_id == gpts.c.owner_id).label("is_owner"),
-            conversations.c.share_link_id, share_links.c.label.label("link_label"), conversations.c.site,
-            conversations.c.api_key_id, api_keys.c.name.label("key_name"), api_keys.c.hint.label("key_hint"),
+            messages.c.id.label("message_id"), messages.c.conversation_id, *_who_and_where(),
             messages.c.role, messages.c.content, messages.c.meta, messages.c.created_at,
             feedback.c.rating, feedback.c.comment.label("feedback_comment"),
             feedback.c.updated_at.label("feedback_at"),
         )
         .select_from(
-            messages.join(conversations, conversations.c.id == messages.c.conversation_id)
-            .join(gpts, gpts.c.id == conversations.c.gpt_id)
-            .join(users, users.c.id == conversations.c.user_id)
-            .outerjoin(share_links, share_links.c.id == conversations.c.share_link_id)
-            .outerjoin(api_keys, api_keys.c.id == conversations.c.api_key_id)
+            _with_who_and_where(messages.join(conversations, conversations.c.id == messages.c.conversation_id))
             .outerjoin(feedback, feedback.c.message_id == messages.c.id)
         )
         .where(*_window(messages.c.created_at, since, until))
