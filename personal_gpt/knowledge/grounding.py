@@ -329,12 +329,15 @@ def judge_answer(question: str, answer: str, passages: Sequence, evidence: Seque
 def refine_citations(answer: str, question: str, cites: list[dict]) -> list[dict]:
     """Point each citation at the sentence of its passage that holds the most of the
     answer's new words (those not in the question), when that beats the sentence
-    chosen from the question alone; citations are updated in place and returned."""
+    chosen from the question alone, and put first the citation whose passage holds the
+    most of them (ties keep retrieval's order): the source shown first is the one the
+    answer came from. Citations are updated and reordered in place, and returned."""
     q = set(terms(question))
     new = set(terms(answer)) - q
     if not new:
         return cites
-    for c in cites:
+    support = {}
+    for i, c in enumerate(cites):
         passage = c.get("passage") or ""
         best, best_hits = None, len(new & set(terms(c.get("text", ""))))
         for a, b in split_sentences(passage):
@@ -344,4 +347,6 @@ def refine_citations(answer: str, question: str, cites: list[dict]) -> list[dict
         if best is not None:
             a, b = best
             c.update(text=passage[a:b].strip(), start=a, end=b)
+        support[id(c)] = (len(new & set(terms(passage or c.get("text", "")))), -i)
+    cites.sort(key=lambda c: support[id(c)], reverse=True)
     return cites

@@ -157,6 +157,23 @@ def test_citation_follows_the_sentence_the_answer_came_from():
     assert cites[0]["text"] == "The Meadow bouquet costs 42 pounds."
 
 
+def test_the_passage_the_answer_came_from_is_cited_first():
+    """Retrieval's first passage is not always the one the model answered from: the
+    citation whose passage holds the answer's new words moves to the front; ties keep
+    retrieval's order; an answer with nothing new changes nothing."""
+    hours = {"n": 1, "file": "hours.md", "passage": "The shop opens at 9. Deliveries leave the shop daily.",
+             "text": "The shop opens at 9."}
+    rivers = {"n": 2, "file": "rivers.md", "passage": "The Rhine empties into the North Sea in the Netherlands.",
+              "text": "The Rhine empties into the North Sea in the Netherlands."}
+    other = {"n": 3, "file": "misc.md", "passage": "Boats sail on the river.", "text": "Boats sail on the river."}
+    cites = [hours, rivers, other]
+    grounding.refine_citations("It flows into the North Sea in the Netherlands.", "Where does the Rhine go?", cites)
+    assert [c["n"] for c in cites] == [2, 1, 3]
+    cites = [hours, other]
+    grounding.refine_citations("Nobody knows.", "Where does the Rhine go?", cites)  # no support anywhere: same order
+    assert [c["n"] for c in cites] == [1, 3]
+
+
 # --- the GPT's settings --------------------------------------------------------
 
 def test_strictness_and_refusal_settings_validate_and_old_specs_still_load():
