@@ -50,7 +50,8 @@ include_test = top[2].toggle("Include evaluation runs", value=False,
                              help="Runs of the builder's Test tab are left out unless you ask for them.")
 
 try:
-    report = svc.analytics(me, gpt_id, since, until, include_test=include_test)
+    with st.spinner("Counting conversations…"):
+        report = svc.analytics(me, gpt_id, since, until, include_test=include_test)
 except glue.PersonalGptError as exc:
     st.error(str(exc), icon="⚠️")
     st.stop()

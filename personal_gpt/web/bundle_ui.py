@@ -41,7 +41,9 @@ def render_export(svc, p, gpt_id: str) -> None:
                 path = svc.export_gpt(p, gpt_id, Path(tmp) / "bundle.zip")
                 st.session_state[f"bundle-export-{gpt_id}"] = path.read_bytes()
 
-        if glue.succeeded(prepare):
+        with st.spinner("Packing this GPT into one file…"):
+            prepared = glue.succeeded(prepare)
+        if prepared:
             ready = st.session_state.get(f"bundle-export-{gpt_id}")
     if ready:
         st.download_button(f"Download {_file_name(gpt.name)} ({len(ready) / 2**20:.1f} MB)", data=ready,
@@ -86,7 +88,8 @@ def render_import(svc, p) -> None:
                 result = svc.import_gpt(p, path)
             st.session_state["bundle-import-result"] = result
 
-        glue.succeeded(run_import)
+        with st.spinner("Checking and importing the bundle…"):
+            glue.succeeded(run_import)
     result = st.session_state.get("bundle-import-result")
     if result is not None:
         _show_result(svc, result)
