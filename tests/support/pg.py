@@ -22,3 +22,16 @@ def fresh_database(server_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def settings_on(request) -> Iterator:
+    """For a fixture parametrized ``["sqlite", "postgres"]``: the test home's Settings on
+    SQLite, or the same home on a fresh PostgreSQL database (``postgres_url``)."""
+    from personal_gpt.config import Settings
+
+    base = Settings.from_env()
+    if request.param == "sqlite":
+        yield base
+        return
+    with fresh_database(request.getfixturevalue("postgres_url")) as url:
+        yield Settings(home=base.home, database_url=url, templates_dir=base.templates_dir)

@@ -19,14 +19,13 @@ import pytest
 import sqlalchemy as sa
 
 from personal_gpt.auth import Principal
-from personal_gpt.config import Settings
 from personal_gpt.errors import NotFound, Unauthorized
 from personal_gpt.services import Services
 from personal_gpt.sharing import Visitor
 from personal_gpt.store import finetune as fstore
 from personal_gpt.store.schema import corrections, feedback, login_states, messages, metadata, users
 from tests.support.fake_model import EchoModel, FakeRegistry
-from tests.support.pg import fresh_database
+from tests.support.pg import settings_on
 from tests.unit.test_finetune_service import TINY, fake_adapter, style_examples
 
 ALICE = Principal(issuer="https://idp.example", subject="alice", email="alice@example.com", email_verified=True)
@@ -49,12 +48,7 @@ class ForgettingRegistry(FakeRegistry):
 @pytest.fixture(params=["sqlite", "postgres"])
 def settings(request, home: Path, monkeypatch):
     monkeypatch.setenv("PGPT_FINETUNE_LOCAL_WORKER", "0")  # nothing trains here
-    base = Settings.from_env()
-    if request.param == "sqlite":
-        yield base
-        return
-    with fresh_database(request.getfixturevalue("postgres_url")) as url:
-        yield Settings(home=base.home, database_url=url, templates_dir=base.templates_dir)
+    yield from settings_on(request)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from personal_gpt.config import Settings
 from personal_gpt.errors import Conflict, InvalidInput, NotFound, StoreError
 from personal_gpt.services import Services
 from tests.support.fake_model import EchoModel, FakeRegistry
-from tests.support.pg import fresh_database
+from tests.support.pg import settings_on
 
 ALICE = Principal(issuer="https://idp.example", subject="alice", email="alice@example.com", email_verified=True)
 BOB = Principal(issuer="https://idp.example", subject="bob", email="bob@example.com", email_verified=True)
@@ -24,13 +24,7 @@ BOB = Principal(issuer="https://idp.example", subject="bob", email="bob@example.
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def settings(request, home: Path) -> Settings:
-    base = Settings.from_env()
-    if request.param == "sqlite":
-        yield base
-        return
-    # one fresh database per test keeps tests independent
-    with fresh_database(request.getfixturevalue("postgres_url")) as url:
-        yield Settings(home=base.home, database_url=url, templates_dir=base.templates_dir)
+    yield from settings_on(request)  # PostgreSQL: one fresh database per test keeps tests independent
 
 
 @pytest.fixture
