@@ -204,6 +204,18 @@ def _rows_layer():
     return RowsLora
 
 
+def retire_idle(loaded: dict, newest: Any, keep: int, retired: list) -> None:
+    """Drop the least recently used of ``loaded``'s idle entries (``users == 0``, not
+    ``newest``) until at most ``keep`` remain; each dropped one is marked ``retired``
+    and appended to ``retired`` for the owner to free once nothing uses it. The caller
+    holds the lock that guards ``loaded``."""
+    idle = sorted((x for x in loaded.values() if x.users == 0 and x is not newest), key=lambda x: x.last_used)
+    for old in idle[: max(0, len(loaded) - keep)]:
+        del loaded[old.name]
+        old.retired = True
+        retired.append(old)
+
+
 class _Slot:
     """One adapter inside the model. ``key`` is its peft adapter name, unique
     per load, so prefix-cache entries never outlive the weights they came from."""
@@ -346,12 +358,7 @@ class AdapterSet:
             slot = _Slot(adapter.name, key, self)
             with self._lock:
                 self._slots[adapter.name] = slot
-                idle = sorted((s for s in self._slots.values() if s.users == 0 and s is not slot),
-                              key=lambda s: s.last_used)
-                for old in idle[: max(0, len(self._slots) - self.max_loaded)]:
-                    del self._slots[old.name]
-                    old.retired = True
-                    self._retired.append(old)
+                retire_idle(self._slots, slot, self.max_loaded, self._retired)
         self.sweep()
         return slot
 

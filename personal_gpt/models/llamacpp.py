@@ -304,7 +304,7 @@ class LlamaCppModel:
     def _lora(self, adapter: AdapterRef) -> _Lora | None:
         """The adapter loaded into llama.cpp, or None when llama.cpp cannot run it
         (the fallback serves it). ``ModelError`` for an unsafe or misfit adapter."""
-        from personal_gpt.models.adapters import check_adapter
+        from personal_gpt.models.adapters import check_adapter, retire_idle
 
         with self._cond:
             lora = self._loras.get(adapter.name)
@@ -341,12 +341,7 @@ class LlamaCppModel:
             lora = _Lora(adapter.name, key, handle, self)
             with self._cond:
                 self._loras[adapter.name] = lora
-                idle = sorted((x for x in self._loras.values() if x.users == 0 and x is not lora),
-                              key=lambda x: x.last_used)
-                for old in idle[: max(0, len(self._loras) - self.max_adapters)]:
-                    del self._loras[old.name]
-                    old.retired = True
-                    self._retired.append(old)
+                retire_idle(self._loras, lora, self.max_adapters, self._retired)
         self._sweep()
         return lora
 

@@ -366,3 +366,24 @@ def test_model_servers_take_no_adapter(tmp_path):
         reg.get("openai:office", lambda _id: provider, adapter=adapter)
     assert "Office Ollama is a model server" in str(caught.value)
     assert reg.loaded() == []
+
+
+def test_the_least_recently_used_idle_adapters_are_retired_first():
+    """``retire_idle`` (shared by the torch and llama.cpp paths): adapters in use and the
+    one just loaded are never dropped; the oldest idle ones go first, down to the cap."""
+    from types import SimpleNamespace
+
+    from personal_gpt.models.adapters import retire_idle
+
+    def entry(name, last_used, users=0):
+        return SimpleNamespace(name=name, last_used=last_used, users=users, retired=False)
+
+    a, b, c, d = entry("a", 1.0), entry("b", 2.0, users=1), entry("c", 3.0), entry("d", 0.5)
+    new = entry("new", 0.0)  # just loaded: kept even though its stamp is the oldest
+    loaded = {x.name: x for x in (a, b, c, d, new)}
+    retired: list = []
+    retire_idle(loaded, new, 3, retired)
+    assert set(loaded) == {"b", "c", "new"} and [x.name for x in retired] == ["d", "a"]
+    assert d.retired and a.retired and not c.retired and not b.retired
+    retire_idle(loaded, new, 1, retired)  # "b" is in use: the cap gives way to it
+    assert set(loaded) == {"b", "new"} and retired[-1] is c
