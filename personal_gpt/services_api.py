@@ -6,6 +6,7 @@ the one GPT its key was made for. No HTTP here: ``web/api.py`` speaks OpenAI's s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -74,17 +75,9 @@ def _now() -> datetime:
 
 
 @dataclass
-class ApiKey:
-    """A key as its creator sees it: never the key itself, only its last characters."""
-
-    id: str
-    gpt_id: str
-    name: str
-    hint: str
-    uses: int
-    created_at: datetime
-    last_used_at: datetime | None
-    revoked_at: datetime | None
+class ApiKey(apikeys.KeyRow):
+    """A key as its creator sees it: never the key itself, only its last characters
+    (the stored row's fields; no hash)."""
 
     @property
     def active(self) -> bool:
@@ -117,7 +110,7 @@ class ApiTurn:
 
 
 def _view(row: apikeys.KeyRow) -> ApiKey:
-    return ApiKey(row.id, row.gpt_id, row.name, row.hint, row.uses, row.created_at, row.last_used_at, row.revoked_at)
+    return ApiKey(**dataclasses.asdict(row))
 
 
 def normalise_key_name(name: str | None) -> str:
