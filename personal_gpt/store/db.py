@@ -67,9 +67,30 @@ def migrate(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with _migrate_lock, engine.begin() as conn:
+    # Two processes may open a fresh home at once (the server and a CLI command, or the
+    # server's worker): one migrates while the other waits, then finds the schema at head.
+    with _migrate_lock, _across_processes(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATE_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+_PG_MIGRATE_LOCK = 0x70677074  # "pgpt": held for the migrating transaction only
+
+
+@contextmanager
+def _across_processes(engine: Engine) -> Iterator[None]:
+    """SQLite has no advisory locks and its DDL is not in the driver's transaction, so a lock
+    file beside the database serialises migrations between processes."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(f"{path}.migrate-lock", timeout=120):
+        yield
 
 
 class Store:
