@@ -325,3 +325,42 @@ def test_chats_started_together_share_their_instructions(auto, plain, monkeypatc
     assert len(copies) == len(chats) - 1 and all(end - start >= shared - 8 for _, _, start, end in copies), copies
     shares = [overlap(t, a, plain[1]) for t, a in zip(together, alone)]
     assert min(shares) >= 0.5, (shares, together, alone)
+
+
+def test_every_llamacpp_computation_runs_on_the_scheduler_thread(settings, monkeypatch):
+    """Loading (the context's warm-up decode), an adapter's context and every decode run on the
+    model's one scheduler thread, whichever threads load and chat: decoding on a thread other than
+    the one that computed first ran ~35% slower (llama.cpp's OpenMP teams), see _on_llama_thread."""
+    if not INSTALLED:
+        pytest.skip("llama-cpp-python is not installed: there is no llama.cpp thread to check")
+    import llama_cpp
+
+    seen: list[str] = []
+    real_decode, real_init = llama_cpp.llama_decode, llama_cpp.llama_init_from_model
+
+    def decode(ctx, batch):
+        seen.append(threading.current_thread().name)
+        return real_decode(ctx, batch)
+
+    def init(model, params):
+        seen.append(threading.current_thread().name)
+        return real_init(model, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    monkeypatch.setattr(llama_cpp, "llama_init_from_model", init)
+    model = bundled_local_model(settings, backend="llama.cpp")
+    try:
+        model.load()  # from the test's thread
+        assert model.serving == "llama.cpp"
+        answers: list[str] = []
+        threads = [threading.Thread(target=lambda m=m: answers.append(answer(model, m)), name=f"chat-{i}")
+                   for i, m in enumerate(PROMPTS[:2])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(answers) == 2 and all(answers)
+    finally:
+        model.close()
+    assert len(seen) > MAX_NEW  # the warm-up, the prompts and every new token
+    assert set(seen) == {model._thread.name} and seen[0].startswith("llama.cpp:"), sorted(set(seen))
