@@ -4,7 +4,8 @@ this race ("table users already exists" while a test and the live server started
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,33 +15,37 @@ import sqlalchemy as sa
 from tests.support.pg import fresh_database
 
 PROCESSES = 4
+ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
 
 
-def _open_at(url: str, start_at: float, out) -> None:
-    from personal_gpt.config import Settings
-    from personal_gpt.store.db import open_store
+_OPEN_AT = """
+import sys, time
+from pathlib import Path
+from personal_gpt.config import Settings
+from personal_gpt.store.db import open_store
 
-    settings = Settings(home=Path("/nonexistent-home-not-used"), database_url=url)
-    time.sleep(max(0.0, start_at - time.time()))  # every process past its imports, then all at once
-    try:
-        store = open_store(settings)
-        store.close()
-        out.put("ok")
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        out.put(f"{type(exc).__name__}: {exc}")
+url, start_at = sys.argv[1], float(sys.argv[2])
+settings = Settings(home=Path("/nonexistent-home-not-used"), database_url=url)
+time.sleep(max(0.0, start_at - time.time()))  # every process past its imports, then all at once
+try:
+    open_store(settings).close()
+    print("ok")
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+"""
 
 
 def _race(url: str) -> list[str]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    start_at = time.time() + 4.0
-    procs = [ctx.Process(target=_open_at, args=(url, start_at, out)) for _ in range(PROCESSES)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
+    """PROCESSES fresh interpreters (not multiprocessing: its spawn re-runs whatever ``__main__``
+    an earlier test left behind) open ``url`` at the same moment; what each printed."""
+    start_at = time.time() + 6.0
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, str(start_at)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(PROCESSES)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        results.append(out.strip() or err.strip()[-500:])
     return results
 
 
