@@ -37,6 +37,14 @@ KV_CELLS = 16384  # KV cache cells shared by the plain model's sequences (f16: ~
 IDLE_ADAPTER_CONTEXTS = 2  # contexts of adapters no chat uses that are kept (their prompts stay cached)
 SPARE_SEQUENCES = 4  # finished sequences kept beyond max_batch so later prompts reuse their prefix
 MIN_REUSE = 16  # shorter common prefixes are not worth keeping a finished sequence for
+# Prompt-lookup speculation, for greedy answers (temperature 0): at most DRAFT_TOKENS guessed tokens
+# checked per step. Measured here (2 cores, F16, 128 tokens): greedy 72 -> 89 tokens/s with the same
+# answers; sampled answers (temperature 0.3-0.7, repetition penalty 1.1) kept too few guesses and
+# lost 4-9%, so they do not guess.
+DRAFT_TOKENS = 4
+DRAFT_NGRAM = 3  # ... guessed from the tokens that followed the last DRAFT_NGRAM tokens earlier
+SPECULATE_ROWS = 8  # speculation while at most this many chats decode (measured: it paid at 1, 2, 4 and 8)
+GUESS_FLOOR = 0.25  # a chat whose recent guesses were kept less often than this stops guessing for a while
 
 
 def llamacpp_installed() -> bool:
@@ -86,6 +94,8 @@ class _Seq:
     rng: Any = None  # numpy Generator when sampling
     last_used: float = 0.0
     leader: Any = None  # (sequence, its request, shared prompt length): copy its cells instead of computing them
+    lookup: Any = None  # _Lookup over the prompt and the answer so far (speculation)
+    kept: float = 0.5  # running share of guessed tokens kept (speculation pays only when guesses are kept)
 
 
 class _Lora:
@@ -162,6 +172,7 @@ class LlamaCppModel:
         self, gguf_path: Path, model_dir: Path, name: str, base_id: str,
         fallback: Callable[[], Any], threads: int = 0, max_batch: int = 8, max_adapters: int = 16,
         kv_cells: int = KV_CELLS, chunk: int = PREFILL_CHUNK, flash_attn: int = -1,
+        draft_tokens: int = DRAFT_TOKENS,
     ):
         self.gguf_path = Path(gguf_path)
         self.model_dir = Path(model_dir)
@@ -174,6 +185,7 @@ class LlamaCppModel:
         self.kv_cells = max(int(kv_cells), self.context_window)
         self.chunk = max(16, int(chunk))
         self.flash_attn = int(flash_attn)  # llama.cpp's flash_attn_type: -1 auto, 0 off, 1 on
+        self.draft_tokens = max(0, int(draft_tokens))  # 0: no speculation
         self._fallback_factory = fallback
         self._fallback: Any = None
         self._fallback_lock = threading.Lock()
@@ -657,9 +669,11 @@ class LlamaCppModel:
         seq.seen = np.zeros(engine.n_vocab, dtype=bool)
         seq.seen[np.asarray(prompt, dtype=np.int64).clip(0, engine.n_vocab - 1)] = True
         seq.rng = None if request.settings.greedy else np.random.default_rng(int(request.settings.seed))
+        seq.lookup = _Lookup(prompt) if self.draft_tokens > 0 else None
+        seq.kept = 0.5
 
     def _free(self, context: _Ctx, seq: _Seq, forget: bool = False) -> None:
-        seq.request, seq.pending, seq.seen, seq.rng, seq.leader = None, None, None, None, None
+        seq.request, seq.pending, seq.seen, seq.rng, seq.leader, seq.lookup = None, None, None, None, None, None
         seq.last_used = time.monotonic()
         if forget:
             _lib().llama_memory_seq_rm(context.memory, seq.seq_id, -1, -1)
@@ -691,10 +705,19 @@ class LlamaCppModel:
             batch.logits[n] = 1 if logits else 0
             n += 1
 
-        for seq in seqs:  # decoding rows first: one token each
-            if seq.pending is not None:
-                put(seq, seq.pending, len(seq.tokens), True)
-                fed.append((seq, [seq.pending], n - 1))
+        decoding = [seq for seq in seqs if seq.pending is not None]
+        speculate = 0 < len(decoding) <= SPECULATE_ROWS
+        for seq in decoding:  # decoding rows first: their last token (and a guess at the next few)
+            draft = []
+            if speculate and seq.lookup is not None and seq.rng is None:  # greedy answers only: see DRAFT_TOKENS
+                if seq.kept >= GUESS_FLOOR:
+                    draft = seq.lookup.draft(self._draft_room(seq))
+                else:  # sampling far from the text's own words: try again after a few tokens
+                    seq.kept += 0.02
+            start = len(seq.tokens)
+            for i, token in enumerate([seq.pending] + draft):
+                put(seq, token, start + i, True)
+            fed.append((seq, [seq.pending] + draft, n - 1 - len(draft)))
         for seq in seqs:  # then prompt chunks within the chunk budget
             if seq.pending is not None or not self._follow(context, seq):
                 continue
@@ -724,6 +747,9 @@ class LlamaCppModel:
                 self._free(context, seq, forget=True)
             return
         for seq, tokens, index in fed:
+            if seq.pending is not None:  # a decoding row (with a guess to check, or none)
+                self._check_draft(engine, context, seq, tokens, index)
+                continue
             seq.tokens.extend(tokens)
             if index is not None:
                 self._advance(engine, context, seq, index)
@@ -749,14 +775,38 @@ class LlamaCppModel:
         seq.leader = None  # the leader ended or was taken over before sharing: compute it here
         return True
 
-    def _advance(self, engine: _Engine, context: _Ctx, seq: _Seq, index: int) -> None:
+    def _draft_room(self, seq: _Seq) -> int:
+        """How many guessed tokens may follow the pending one: none past the answer's length limit."""
+        request = seq.request
+        return max(0, min(self.draft_tokens, request.settings.max_new_tokens - request.generated - 1))
+
+    def _check_draft(self, engine: _Engine, context: _Ctx, seq: _Seq, fed: list[int], index: int) -> None:
+        """Speculation: ``fed`` = the pending token + guessed ones, each with logits from ``index`` on.
+        The guesses are kept while each is the token the model chooses there (greedy: its argmax;
+        sampling: accepted with the model's probability for it, else another token is drawn without
+        it, which samples exactly the model's distribution); the cells of the rest are removed."""
+        seq.tokens.append(fed[0])
+        before = len(seq.tokens)
+        for i, guess in enumerate(fed[1:]):
+            token = self._advance(engine, context, seq, index + i, guess=guess)
+            if token != guess or seq.request is None:
+                break
+            seq.tokens.append(guess)  # its cells hold the right token: keep them
+            seq.pending = None
+        else:
+            self._advance(engine, context, seq, index + len(fed) - 1)
+        if len(fed) > 1:
+            _lib().llama_memory_seq_rm(context.memory, seq.seq_id, len(seq.tokens), -1)
+            seq.kept = 0.7 * seq.kept + 0.3 * (len(seq.tokens) - before) / (len(fed) - 1)
+
+    def _advance(self, engine: _Engine, context: _Ctx, seq: _Seq, index: int, guess: int | None = None) -> int:
         import numpy as np
 
         lib = _lib()
         request = seq.request
         pointer = lib.llama_get_logits_ith(context.ctx, index)
         logits = np.ctypeslib.as_array(pointer, shape=(engine.n_vocab,))
-        token = _choose(logits, request.settings, seq)
+        token = _choose(logits, request.settings, seq, guess)
         seq.seen[token] = True
         if request.stopped:
             request.finish("cancelled")
@@ -772,13 +822,19 @@ class LlamaCppModel:
                 self._free(context, seq)
             else:
                 seq.pending = token
+                if seq.lookup is not None:
+                    seq.lookup.add(token)
+        return token
 
 
 # --- helpers ----------------------------------------------------------------------------
 
-def _choose(logits, settings: GenerationSettings, seq: _Seq) -> int:
+def _choose(logits, settings: GenerationSettings, seq: _Seq, guess: int | None = None) -> int:
     """Next token: repetition penalty (as transformers' processor), then greedy, or
-    temperature + top-p sampling with the sequence's seeded generator."""
+    temperature + top-p sampling with the sequence's seeded generator. With a ``guess``
+    (speculation), sampling keeps it with the probability the model gives it and otherwise
+    draws from the rest: the same distribution as drawing directly (the engine guesses for greedy
+    answers only, see DRAFT_TOKENS; sampling with guesses is kept exact for when it pays)."""
     import numpy as np
 
     penalty = float(settings.repetition_penalty)
@@ -793,14 +849,64 @@ def _choose(logits, settings: GenerationSettings, seq: _Seq) -> int:
     scores -= scores.max()
     probs = np.exp(scores)
     probs /= probs.sum()
+    tokens = None  # the candidates (None: the whole vocabulary) and their probabilities
     if settings.top_p < 1.0:
-        order = np.argsort(-probs)
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, settings.top_p)) + 1]
-        kept = np.zeros_like(probs)
-        kept[keep] = probs[keep]
-        probs = kept / kept.sum()
-    return int(seq.rng.choice(len(probs), p=probs))
+        tokens = _nucleus(probs, float(settings.top_p))
+        probs = probs[tokens] / probs[tokens].sum()
+    if guess is not None:
+        where = int(guess) if tokens is None else np.flatnonzero(tokens == guess)
+        chance = probs[where].sum() if tokens is not None else probs[where]
+        if seq.rng.random() < chance:
+            return int(guess)
+        probs = probs.copy()
+        probs[where] = 0.0
+        total = probs.sum()
+        if total <= 0.0:
+            return int(guess)
+        probs /= total
+    index = int(seq.rng.choice(len(probs), p=probs))
+    return index if tokens is None else int(tokens[index])
+
+
+def _nucleus(probs, top_p: float, first: int = 256):
+    """The most probable tokens whose probabilities first reach ``top_p`` (most probable first).
+    Sorting the whole vocabulary for every token took ~3 ms here; the nucleus nearly always
+    lies within the ``first`` most probable, which are found without a full sort."""
+    import numpy as np
+
+    if len(probs) > first:
+        top = np.argpartition(-probs, first - 1)[:first]
+        top = top[np.argsort(-probs[top], kind="stable")]
+        cumulative = np.cumsum(probs[top])
+        if cumulative[-1] >= top_p:
+            return top[: int(np.searchsorted(cumulative, top_p)) + 1]
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    return order[: int(np.searchsorted(cumulative, top_p)) + 1]
+
+
+class _Lookup:
+    """Prompt-lookup guesses: where the last DRAFT_NGRAM tokens occurred before (in the prompt or
+    the answer), the tokens that followed them then. Answers from knowledge files copy names,
+    figures and whole phrases from the prompt, which these guesses get right."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens: list[int] = []
+        self.after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed its latest occurrence
+        for token in tokens:
+            self.add(token)
+
+    def add(self, token: int) -> None:
+        tokens = self.tokens
+        if len(tokens) >= DRAFT_NGRAM:
+            self.after[tuple(tokens[-DRAFT_NGRAM:])] = len(tokens)
+        tokens.append(token)
+
+    def draft(self, k: int) -> list[int]:
+        if k <= 0 or len(self.tokens) < DRAFT_NGRAM:
+            return []
+        start = self.after.get(tuple(self.tokens[-DRAFT_NGRAM:]))
+        return [] if start is None else self.tokens[start:start + k]
 
 
 def _common(a: list[int], b: list[int]) -> int:

@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from personal_gpt.config import Settings  # noqa: E402
 from personal_gpt.gpts import GenerationSettings  # noqa: E402
-from personal_gpt.models.base import AdapterRef, ChatModel  # noqa: E402
+from personal_gpt.models.base import AdapterRef, ChatModel, Usage  # noqa: E402
 from personal_gpt.models.bundled import (  # noqa: E402
     BACKEND_ENV,
     BUNDLED_ID,
@@ -364,3 +364,75 @@ def test_every_llamacpp_computation_runs_on_the_scheduler_thread(settings, monke
         model.close()
     assert len(seen) > MAX_NEW  # the warm-up, the prompts and every new token
     assert set(seen) == {model._thread.name} and seen[0].startswith("llama.cpp:"), sorted(set(seen))
+
+
+# --- prompt-lookup speculation ------------------------------------------------------------------
+
+def test_lookup_guesses_what_followed_the_last_tokens_before():
+    from personal_gpt.models.llamacpp import DRAFT_NGRAM, _Lookup
+
+    assert DRAFT_NGRAM == 3
+    lookup = _Lookup([1, 2, 3, 4, 5, 6, 9, 1, 2, 3, 7, 8])
+    assert lookup.draft(4) == []  # (3, 7, 8) never occurred before
+    for token in (1, 2, 3):
+        lookup.add(token)
+    assert lookup.draft(4) == [7, 8, 1, 2]  # the latest earlier "1 2 3" was followed by 7 8 1 2
+    assert lookup.draft(1) == [7] and lookup.draft(0) == []
+
+
+def test_a_guess_is_kept_with_the_models_probability_so_sampling_is_unchanged():
+    import numpy as np
+
+    from personal_gpt.models.llamacpp import _choose, _Seq
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    settings = GenerationSettings(temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=8)
+    draws = 40_000
+    for guess in (None, 0, 2, 3):
+        seq = _Seq(seq_id=0, seen=np.zeros(4, dtype=bool), rng=np.random.default_rng(11))
+        counts = np.bincount([_choose(logits, settings, seq, guess) for _ in range(draws)], minlength=4)
+        # each share within 4 standard errors of the model's own probability
+        assert np.all(np.abs(counts / draws - [0.5, 0.3, 0.15, 0.05]) < 4 * np.sqrt(0.25 / draws)), (guess, counts)
+    greedy = _Seq(seq_id=0, seen=np.zeros(4, dtype=bool))
+    assert _choose(logits, GenerationSettings(temperature=0.0, max_new_tokens=8), greedy, 1) == 0
+
+
+def test_speculation_checks_guesses_in_one_decode_and_answers_exactly_as_without(settings, monkeypatch):
+    """An answer that copies its prompt: guessed tokens are fed with the pending one and kept
+    when right (fewer llama_decode calls than tokens), and the greedy answer is the one the
+    same model gives without speculation."""
+    if not INSTALLED:
+        pytest.skip("llama-cpp-python is not installed: the torch path does not speculate")
+    import llama_cpp
+
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+
+    sizes: list[int] = []
+    real = llama_cpp.llama_decode
+
+    def decode(ctx, batch):
+        sizes.append(batch.n_tokens)
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    text = ("The community garden opens at 9 am on Saturdays, the tool shed key is kept by Margaret at number 14, "
+            "and the compost bays are turned on the first Sunday of every month.")
+    messages = [{"role": "user", "content": f"Repeat this text word for word, nothing else:\n\n{text}"}]
+    settings_long = GenerationSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=48)
+    folder = settings.model_cache_dir / BUNDLED_ID
+    answers, calls = {}, {}
+    for draft in (0, 4):
+        model = LlamaCppModel(ensure_llamacpp_gguf(settings), folder, "SmolLM2 (test)", base_id=f"bundled:{BUNDLED_ID}",
+                              fallback=lambda: None, draft_tokens=draft)
+        try:
+            model.load()
+            sizes.clear()
+            usage = Usage()
+            answers[draft] = "".join(model.stream(messages, settings_long, usage=usage))
+            calls[draft] = (len(sizes), usage.completion_tokens, max(sizes[1:], default=0))
+        finally:
+            model.close()
+    assert answers[4] == answers[0] and "Margaret" in answers[0], answers
+    decodes, tokens, widest = calls[4]
+    assert widest == 5 and decodes < tokens * 0.7, calls  # guesses fed and mostly kept
+    assert calls[0][0] >= calls[0][1] and calls[0][2] == 1, calls  # without: one token a decode
