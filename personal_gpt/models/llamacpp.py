@@ -183,7 +183,7 @@ class LlamaCppModel:
         self.max_adapters = max(1, int(max_adapters))
         self.context_window = _read_context_window(self.model_dir)
         self.kv_cells = max(int(kv_cells), self.context_window)
-        self.chunk = max(16, int(chunk))
+        self.chunk = max(16, int(chunk), self.max_batch)  # every decoding row's token fits one batch
         self.flash_attn = int(flash_attn)  # llama.cpp's flash_attn_type: -1 auto, 0 off, 1 on
         self.draft_tokens = max(0, int(draft_tokens))  # 0: no speculation
         self._fallback_factory = fallback
@@ -707,12 +707,13 @@ class LlamaCppModel:
 
         decoding = [seq for seq in seqs if seq.pending is not None]
         speculate = 0 < len(decoding) <= SPECULATE_ROWS
-        for seq in decoding:  # decoding rows first: their last token (and a guess at the next few)
+        for j, seq in enumerate(decoding):  # decoding rows first: their last token (and a guess at the next few)
             draft = []
             if speculate and seq.lookup is not None and seq.rng is None:  # greedy answers only: see DRAFT_TOKENS
                 if seq.kept >= GUESS_FLOOR:
-                    draft = seq.lookup.draft(self._draft_room(seq))
-                else:  # sampling far from the text's own words: try again after a few tokens
+                    room = self.chunk - n - (len(decoding) - j)  # the batch keeps a place for every other row
+                    draft = seq.lookup.draft(min(self._draft_room(seq), room))
+                else:  # its recent guesses missed: try again after a few tokens
                     seq.kept += 0.02
             start = len(seq.tokens)
             for i, token in enumerate([seq.pending] + draft):

@@ -436,3 +436,48 @@ def test_speculation_checks_guesses_in_one_decode_and_answers_exactly_as_without
     decodes, tokens, widest = calls[4]
     assert widest == 5 and decodes < tokens * 0.7, calls  # guesses fed and mostly kept
     assert calls[0][0] >= calls[0][1] and calls[0][2] == 1, calls  # without: one token a decode
+
+
+def test_guesses_never_overfill_a_small_batch(settings, plain, monkeypatch):
+    """Four greedy chats on a 16-token batch: every decode stays within the batch (the guesses
+    shrink to the room left after one token per other row) and each answer is as without guesses."""
+    if not INSTALLED:
+        pytest.skip("llama-cpp-python is not installed: the torch path does not speculate")
+    import llama_cpp
+
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+
+    sizes: list[int] = []
+    real = llama_cpp.llama_decode
+
+    def decode(ctx, batch):
+        sizes.append(batch.n_tokens)
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    text = "Tomatoes, beans, courgettes and squash are sown in April and planted out in late May."
+    chats = [[{"role": "user", "content": f"Repeat this sentence {i + 1} times:\n\n{text}"}] for i in range(4)]
+    greedy = GenerationSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=40)
+    folder = settings.model_cache_dir / BUNDLED_ID
+    results = {}
+    for draft in (0, 4):
+        model = LlamaCppModel(ensure_llamacpp_gguf(settings), folder, "SmolLM2 (test)", base_id=f"bundled:{BUNDLED_ID}",
+                              fallback=lambda: None, chunk=16, max_batch=4, draft_tokens=draft)
+        try:
+            model.load()
+            got: list[str | None] = [None] * len(chats)
+
+            def run(i, model=model, got=got):
+                got[i] = "".join(model.stream(chats[i], greedy))
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(chats))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            results[draft] = got
+        finally:
+            model.close()
+    assert max(sizes) <= 16, max(sizes)
+    shares = [overlap(a, b, plain[1]) for a, b in zip(results[4], results[0])]
+    assert all(results[4]) and min(shares) >= 0.5, (results, shares)
