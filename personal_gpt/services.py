@@ -385,6 +385,32 @@ class Services(
         return self.models.get(self.model_ref(spec), provider_lookup=lambda pid: self._provider_config(uid, pid),
                                **({"adapter": adapter} if adapter is not None else {}))
 
+    def warm_models(self, limit: int = 4) -> list[str]:
+        """Compute the instructions of the ``limit`` published GPTs chatted with most recently, once,
+        on their local models (remote providers are left alone), so the first person to ask after a
+        start gets an answer that starts from the kept prompt prefix (~0.1 s here instead of ~1.1 s
+        for 635 tokens). Nothing is recorded. Returns the GPT ids warmed; failures are only logged."""
+        with self.store.read() as conn:
+            rows = repos.recently_chatted_published(conn, limit)
+            versions = {r.id: repos.get_version(conn, r.id, int(r.published_version)) for r in rows}
+        warmed = []
+        for row in rows:
+            version = versions.get(row.id)
+            if version is None:
+                continue
+            try:
+                spec = GptSpec.model_validate(version.spec)
+                if self.model_ref(spec).startswith("openai:"):
+                    continue
+                model = self._model_for_uid(row.owner_id, spec, row.id)
+                settings = spec.generation.model_copy(update={"max_new_tokens": 1})
+                for _ in model.stream(chat.build_messages(spec, [], "Hello"), settings):
+                    pass
+                warmed.append(row.id)
+            except Exception:  # noqa: BLE001 - warming is an optimisation: the first chat will say what is wrong
+                log.warning("could not warm the model of GPT %s", row.id, exc_info=True)
+        return warmed
+
     def context_window(self, p: Principal, spec: GptSpec) -> int:
         ref = self.model_ref(spec)
         if ref.startswith("openai:"):

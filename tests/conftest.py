@@ -24,6 +24,7 @@ if str(TESTS_DIR) not in sys.path:  # make `support` importable whatever the imp
 
 from support.server import AppServer, start_app_server  # noqa: E402
 os.environ["PERSONAL_GPT_LOCAL_BACKEND"] = "torch"  # the torch path, as in CI; test_llamacpp_backend.py opts in
+os.environ["PGPT_WARM_GPTS"] = "0"  # servers started by tests do not warm models at start (test_chat_real tests warm_models)
 
 PG_SCRIPT = REPO_ROOT / "scripts" / "pg.sh"
 RESULTS_DIR = REPO_ROOT / "test-results"

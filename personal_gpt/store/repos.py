@@ -127,6 +127,17 @@ def list_gpts(conn: Connection, owner_id: int) -> list[GptRow]:
     return [_gpt(r, r.latest) for r in rows]
 
 
+def recently_chatted_published(conn: Connection, limit: int) -> list[GptRow]:
+    """Published GPTs, the one with the newest conversation first (any owner; for warming models at start)."""
+    last = (sa.select(sa.func.max(conversations.c.updated_at)).where(conversations.c.gpt_id == gpts.c.id)
+            .scalar_subquery().label("last_chat"))
+    rows = conn.execute(
+        sa.select(gpts, last).where(gpts.c.published_version.is_not(None), last.is_not(None))
+        .order_by(last.desc()).limit(max(0, int(limit)))
+    ).all()
+    return [_gpt(r) for r in rows]
+
+
 def get_gpt(conn: Connection, owner_id: int, gpt_id: str) -> GptRow | None:
     row = conn.execute(sa.select(gpts, _latest_subq()).where(gpts.c.id == gpt_id, gpts.c.owner_id == owner_id)).first()
     return _gpt(row, row.latest) if row else None

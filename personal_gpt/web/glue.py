@@ -4,7 +4,9 @@ URL helpers and error display. Pages import this, never the store or models.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from contextlib import asynccontextmanager, contextmanager
 from typing import Iterator
 
@@ -32,8 +34,13 @@ def services():
     return _services
 
 
+WARM_GPTS_ENV = "PGPT_WARM_GPTS"  # how many recently used GPTs to warm at start (0: none)
+WARM_DELAY_S = 5.0  # after the first page had its chance to render without the model loading beside it
+
+
 def warm_up() -> None:
-    """Open the database and read the templates before the first visitor arrives."""
+    """Open the database and read the templates before the first visitor arrives; a few
+    seconds later, compute the instructions of the GPTs chatted with last (``warm_models``)."""
     try:
         svc = services()
         svc.store
@@ -41,7 +48,17 @@ def warm_up() -> None:
         svc.jobs.start()  # resume knowledge files a restart interrupted
         svc.start_privacy_cleanup()  # conversations past their GPT's retention: now, then hourly
     except PersonalGptError:
-        pass  # the first page shows the sentence
+        return  # the first page shows the sentence
+    try:
+        count = int(os.environ.get(WARM_GPTS_ENV, "4"))
+    except ValueError:
+        count = 4
+    if count > 0:
+        time.sleep(WARM_DELAY_S)
+        try:
+            svc.warm_models(count)
+        except PersonalGptError:
+            pass
 
 
 def explicit_navigation_only() -> None:

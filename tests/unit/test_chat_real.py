@@ -91,3 +91,45 @@ def test_model_folder_that_does_not_load(svc, tmp_path):
         svc.send(ME, conv, "hello", spec=spec)
     assert "Traceback" not in str(err.value) and str(err.value).endswith(".")
     assert svc.messages(ME, conv) == []
+
+
+INSTRUCTIONS = ("You are Garden Helper for the Leeds community garden. Answer members' questions about sowing, "
+                "watering, compost and pests in plain words, with months for a mild wet climate, and suggest the "
+                "Saturday drop-in at the shed when you are unsure. Never recommend chemical pesticides: explain the "
+                "risks to bees, pets, children and soil life, and offer netting, hand-picking, companion planting "
+                "and crop rotation instead. Say clearly when a plant is poisonous (foxglove, rhubarb leaves, yew).")
+
+
+def test_a_start_warms_the_gpts_chatted_with_last(home):
+    """After a restart (a new Services: empty model caches), ``warm_models`` computes the
+    instructions of published GPTs that have conversations, on the real bundled model, so the
+    next question starts from the kept prefix; unpublished or never-chatted GPTs are left alone
+    and nothing is recorded."""
+    from personal_gpt.chat import build_messages
+
+    svc = Services()
+    try:
+        used = svc.create_gpt(ME, name="Garden helper", spec=None)
+        spec = greedy(used.spec.model_copy(update={"instructions": INSTRUCTIONS}), max_new_tokens=4)
+        used = svc.save_draft(ME, used.id, spec, used.revision)
+        svc.publish(ME, used.id)
+        "".join(svc.send(ME, svc.start_conversation(ME, used.id), "Hello").pieces)
+        quiet = svc.create_gpt(ME, name="Never asked", spec=None)
+        svc.publish(ME, quiet.id)
+        svc.create_gpt(ME, name="Draft only", spec=None)
+    finally:
+        svc.close()
+
+    restarted = Services()
+    try:
+        conversations_before = len(restarted.creator_conversations(ME, used.id))
+        model = restarted._model_for_uid(restarted._uid(ME), spec, used.id)
+        prompt = model.encode(build_messages(spec, [], "When do I sow carrots?"))
+        assert model._prefix.match_length(prompt) == 0  # a fresh start: nothing kept
+        assert restarted.warm_models() == [used.id]
+        instructions = len(model.encode([{"role": "system", "content": INSTRUCTIONS}]))
+        assert model._prefix.match_length(prompt) >= instructions - 4  # the next question starts after them
+        assert len(restarted.creator_conversations(ME, used.id)) == conversations_before  # nothing recorded
+        assert restarted.warm_models(limit=0) == []
+    finally:
+        restarted.close()
