@@ -246,12 +246,7 @@ class LlamaCppModel:
         if threading.current_thread() is self._thread:
             return fn()
         call = _Call(fn)
-        with self._cond:
-            if self._closed:
-                raise ModelError("This model has been shut down; reload the page to start it again.")
-            self._calls.append(call)
-            self._ensure_thread()
-            self._cond.notify()
+        self._enqueue(self._calls, call)
         while not call.done.wait(1.0):
             thread = self._thread
             if thread is None or not thread.is_alive():
@@ -551,18 +546,18 @@ class LlamaCppModel:
     # -- the scheduler -------------------------------------------------------------------
 
     def _submit(self, request: _Request) -> None:
+        self._enqueue(self._pending, request)
+
+    def _enqueue(self, queue: deque, item: Any) -> None:
+        """Hand ``item`` (a request or a call) to the scheduler thread, started if it is not running."""
         with self._cond:
             if self._closed:
                 raise ModelError("This model has been shut down; reload the page to start it again.")
-            self._pending.append(request)
-            self._ensure_thread()
+            queue.append(item)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name=f"llama.cpp:{self.name}", daemon=True)
+                self._thread.start()
             self._cond.notify()
-
-    def _ensure_thread(self) -> None:
-        """Start the scheduler thread if it is not running (call with ``_cond`` held)."""
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name=f"llama.cpp:{self.name}", daemon=True)
-            self._thread.start()
 
     def _run(self) -> None:
         while True:

@@ -397,15 +397,12 @@ def test_a_guess_is_kept_with_the_models_probability_so_sampling_is_unchanged():
     assert _choose(logits, GenerationSettings(temperature=0.0, max_new_tokens=8), greedy, 1) == 0
 
 
-def test_speculation_checks_guesses_in_one_decode_and_answers_exactly_as_without(settings, monkeypatch):
-    """An answer that copies its prompt: guessed tokens are fed with the pending one and kept
-    when right (fewer llama_decode calls than tokens), and the greedy answer is the one the
-    same model gives without speculation."""
+@pytest.fixture
+def decode_sizes(monkeypatch) -> list[int]:
+    """The number of tokens of every llama_decode call from now on (llama.cpp installed only)."""
     if not INSTALLED:
         pytest.skip("llama-cpp-python is not installed: the torch path does not speculate")
     import llama_cpp
-
-    from personal_gpt.models.bundled import ensure_llamacpp_gguf
 
     sizes: list[int] = []
     real = llama_cpp.llama_decode
@@ -415,15 +412,29 @@ def test_speculation_checks_guesses_in_one_decode_and_answers_exactly_as_without
         return real(ctx, batch)
 
     monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    return sizes
+
+
+def speculating_model(settings, draft: int, **options) -> LlamaCppModel:
+    """The bundled model on llama.cpp with ``draft`` guessed tokens a step (0: none)."""
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+
+    return LlamaCppModel(ensure_llamacpp_gguf(settings), settings.model_cache_dir / BUNDLED_ID, "SmolLM2 (test)",
+                         base_id=f"bundled:{BUNDLED_ID}", fallback=lambda: None, draft_tokens=draft, **options)
+
+
+def test_speculation_checks_guesses_in_one_decode_and_answers_exactly_as_without(settings, decode_sizes):
+    """An answer that copies its prompt: guessed tokens are fed with the pending one and kept
+    when right (fewer llama_decode calls than tokens), and the greedy answer is the one the
+    same model gives without speculation."""
     text = ("The community garden opens at 9 am on Saturdays, the tool shed key is kept by Margaret at number 14, "
             "and the compost bays are turned on the first Sunday of every month.")
     messages = [{"role": "user", "content": f"Repeat this text word for word, nothing else:\n\n{text}"}]
     settings_long = GenerationSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=48)
-    folder = settings.model_cache_dir / BUNDLED_ID
+    sizes = decode_sizes
     answers, calls = {}, {}
     for draft in (0, 4):
-        model = LlamaCppModel(ensure_llamacpp_gguf(settings), folder, "SmolLM2 (test)", base_id=f"bundled:{BUNDLED_ID}",
-                              fallback=lambda: None, draft_tokens=draft)
+        model = speculating_model(settings, draft)
         try:
             model.load()
             sizes.clear()
@@ -438,31 +449,15 @@ def test_speculation_checks_guesses_in_one_decode_and_answers_exactly_as_without
     assert calls[0][0] >= calls[0][1] and calls[0][2] == 1, calls  # without: one token a decode
 
 
-def test_guesses_never_overfill_a_small_batch(settings, plain, monkeypatch):
+def test_guesses_never_overfill_a_small_batch(settings, plain, decode_sizes):
     """Four greedy chats on a 16-token batch: every decode stays within the batch (the guesses
     shrink to the room left after one token per other row) and each answer is as without guesses."""
-    if not INSTALLED:
-        pytest.skip("llama-cpp-python is not installed: the torch path does not speculate")
-    import llama_cpp
-
-    from personal_gpt.models.bundled import ensure_llamacpp_gguf
-
-    sizes: list[int] = []
-    real = llama_cpp.llama_decode
-
-    def decode(ctx, batch):
-        sizes.append(batch.n_tokens)
-        return real(ctx, batch)
-
-    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
     text = "Tomatoes, beans, courgettes and squash are sown in April and planted out in late May."
     chats = [[{"role": "user", "content": f"Repeat this sentence {i + 1} times:\n\n{text}"}] for i in range(4)]
     greedy = GenerationSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=40)
-    folder = settings.model_cache_dir / BUNDLED_ID
     results = {}
     for draft in (0, 4):
-        model = LlamaCppModel(ensure_llamacpp_gguf(settings), folder, "SmolLM2 (test)", base_id=f"bundled:{BUNDLED_ID}",
-                              fallback=lambda: None, chunk=16, max_batch=4, draft_tokens=draft)
+        model = speculating_model(settings, draft, chunk=16, max_batch=4)
         try:
             model.load()
             got: list[str | None] = [None] * len(chats)
@@ -478,6 +473,6 @@ def test_guesses_never_overfill_a_small_batch(settings, plain, monkeypatch):
             results[draft] = got
         finally:
             model.close()
-    assert max(sizes) <= 16, max(sizes)
+    assert max(decode_sizes) <= 16, max(decode_sizes)
     shares = [overlap(a, b, plain[1]) for a, b in zip(results[4], results[0])]
     assert all(results[4]) and min(shares) >= 0.5, (results, shares)
