@@ -46,8 +46,8 @@ def answer(model, messages=QUESTION, settings=GREEDY) -> str:
 # --- adapters made on the spot ---------------------------------------------------------
 
 def make_adapter(base, folder: Path, seed: int, targets: list[str], scale: float) -> Path:
-    """A LoRA adapter on ``base`` whose B matrices are seeded random (not zero),
-    saved by peft as safetensors; ``base`` is left as it was."""
+    """A LoRA adapter on ``base`` whose A and B matrices are seeded random (B not zero; A seeded too,
+    since peft draws it from the global generator), saved by peft as safetensors; ``base`` is left as it was."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -56,7 +56,9 @@ def make_adapter(base, folder: Path, seed: int, targets: list[str], scale: float
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
+            if "lora_A" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+            elif "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     peft_model.peft_config["default"].base_model_name_or_path = BUNDLED_REF  # what our trainer records
     peft_model.save_pretrained(folder, safe_serialization=True)

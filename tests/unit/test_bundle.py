@@ -66,7 +66,8 @@ def snapshot(svc: Services) -> tuple[list[str], dict[str, int]]:
 
 
 def make_lora(settings: Settings, folder: Path) -> Path:
-    """A real peft LoRA on the bundled weights, B matrices seeded random (so answers change)."""
+    """A real peft LoRA on the bundled weights, A and B seeded random (so answers change, the same way
+    every run: peft draws A from the global generator, which left the answer unchanged in one CI run)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -81,7 +82,9 @@ def make_lora(settings: Settings, folder: Path) -> Path:
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_A" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+            elif "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     model.peft_config["default"].base_model_name_or_path = BUNDLED
     model.save_pretrained(folder, safe_serialization=True)
