@@ -60,20 +60,23 @@ def current_revision(engine: Engine) -> str | None:
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision (idempotent). An up-to-date database
     skips loading Alembic, which keeps the server's start fast."""
-    if current_revision(engine) == HEAD_REVISION:
-        return
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     # Two processes may open a fresh home at once (the server and a CLI command, or the
-    # server's worker): one migrates while the other waits, then finds the schema at head.
-    with _migrate_lock, _across_processes(engine), engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATE_LOCK})
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    # server's worker): one checks and migrates while the others wait, then find the schema at
+    # head. On SQLite even the check waits: a first connection switching a new file to WAL
+    # while another process creates tables was refused with "database is locked".
+    with _migrate_lock, _across_processes(engine):
+        if current_revision(engine) == HEAD_REVISION:
+            return
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATE_LOCK})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
 
 
 _PG_MIGRATE_LOCK = 0x70677074  # "pgpt": held for the migrating transaction only
@@ -126,6 +129,14 @@ def open_store(settings: Settings) -> Store:
     try:
         engine = make_engine(url)
         migrate(engine)
+    except sa.exc.OperationalError as exc:  # before DatabaseError, its base class: busy is not damaged
+        log.error("cannot open database %s: %s", _redacted(url), exc)
+        if url.startswith("sqlite") and "locked" in str(exc.orig):
+            raise StoreError(
+                f"The database file {url.removeprefix('sqlite:///')} is locked by another program; "
+                "close it (or wait a moment) and try again."
+            ) from None
+        raise StoreError(f"Could not open the database at {_redacted(url)}: check that it is running and reachable.") from None
     except sa.exc.DatabaseError as exc:
         log.error("cannot open database %s: %s", _redacted(url), exc)
         if url.startswith("sqlite"):
@@ -134,7 +145,7 @@ def open_store(settings: Settings) -> Store:
                 "database. Move it aside (or restore a backup) and start again."
             ) from None
         raise StoreError(f"Could not open the database at {_redacted(url)}: check that it is running and reachable.") from None
-    except (sa.exc.OperationalError, sa.exc.InterfaceError, OSError) as exc:
+    except (sa.exc.InterfaceError, OSError) as exc:
         log.error("cannot open database %s: %s", _redacted(url), exc)
         raise StoreError(f"Could not open the database at {_redacted(url)}: check that it is running and reachable.") from None
     except sa.exc.ArgumentError:
