@@ -1,0 +1,152 @@
+"""Benchmark: how far each llama.cpp weight type moves the bundled model from fp32.
+
+Owns: the quality side of choosing the weights our llama.cpp path serves. Exact
+greedy match (``local_speed.py``'s check) flips on any near-tie, so it cannot tell a
+rounding difference from a broken model; this script measures the distributions
+themselves. Plain transformers fp32 writes a greedy answer to 10 fixed prompts; then
+every weight type reads the same prompt + answer tokens (teacher forcing) and, for
+each answer token, we compare its next-token distribution with fp32's: top-1
+agreement, mean and 99th-percentile KL divergence, and the share of positions where
+the fp32 token falls out of the type's top 5. The same run times a ~640-token prefill
+and a one-token decode step per type (plain llama-cpp-python, 2 threads).
+
+    .venv/bin/python bench/weights_quality.py [--types F32,F16,BF16,Q8_0,Q4_1] [--new 48]
+
+Must not download anything: the types are re-encoded from the shipped GGUF into the
+model cache (``PERSONAL_GPT_MODEL_CACHE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
+
+from local_speed import QUALITY_PROMPTS, QUESTIONS, _messages  # noqa: E402
+
+from personal_gpt.config import Settings  # noqa: E402
+from personal_gpt.models.bundled import ensure_bundled_model, ensure_llamacpp_gguf  # noqa: E402
+
+
+def fp32_reference(model_dir: Path, new: int):
+    """(token ids of prompt + greedy answer, index of the first answer token, fp32 log-probs
+    for the answer positions) per quality prompt, and the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    out = []
+    for system, user in QUALITY_PROMPTS:
+        text = tokenizer.apply_chat_template(_messages(user, system), add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            ids = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                                 repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id)[0].tolist()
+            logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1:len(ids) - 1].float()
+        out.append((ids, len(prompt), torch.log_softmax(logits, -1).numpy()))
+    return out, tokenizer
+
+
+def llamacpp_logprobs(gguf: Path, ids: list[int], start: int):
+    """Log-probs of every position from ``start - 1`` to the end - 1 (teacher forcing)."""
+    import numpy as np
+
+    from llama_cpp import Llama
+
+    llm = _LLMS.get(gguf)
+    if llm is None:
+        llm = _LLMS[gguf] = Llama(model_path=str(gguf), n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512,
+                                  logits_all=True, verbose=False)
+    llm.reset()
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[start - 1:len(ids) - 1], dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+_LLMS: dict = {}
+
+
+def compare(reference, gguf: Path) -> dict:
+    import numpy as np
+
+    agree, kls, out_of_top5 = [], [], []
+    for ids, start, ref in reference:
+        got = llamacpp_logprobs(gguf, ids, start)
+        p = np.exp(ref.astype(np.float64))
+        kls.extend((p * (ref - got)).sum(axis=1))
+        agree.extend(ref.argmax(axis=1) == got.argmax(axis=1))
+        top5 = np.argpartition(-got, 5, axis=1)[:, :5]
+        out_of_top5.extend(~(top5 == ref.argmax(axis=1)[:, None]).any(axis=1))
+    kls = np.maximum(np.asarray(kls), 0.0)
+    return {"positions": len(kls), "top1": float(np.mean(agree)), "kl_mean": float(kls.mean()),
+            "kl_p99": float(np.percentile(kls, 99)), "out_of_top5": float(np.mean(out_of_top5))}
+
+
+def speed(gguf: Path, prompt: list[int]) -> tuple[float, float]:
+    """(seconds to prefill ``prompt``, seconds per one-token decode step), best of 3, on a
+    context that keeps only the last position's logits (as serving does)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512, flash_attn=True,
+                verbose=False)
+    prefill, step = [], []
+    for _ in range(3):
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        prefill.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for token in prompt[:8]:
+            llm.eval([token])
+        step.append((time.perf_counter() - started) / 8)
+    llm.close()
+    return min(prefill), min(step)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", default="F32,F16,BF16,Q8_0,Q4_1")
+    parser.add_argument("--new", type=int, default=48, help="fp32 greedy answer length per prompt")
+    args = parser.parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed: nothing to compare")
+        return 1
+    settings = dataclasses.replace(Settings.from_env(), torch_threads=2)
+    import torch
+
+    torch.set_num_threads(2)
+    model_dir = ensure_bundled_model(settings)
+    load = os.getloadavg()[0]
+    reference, tokenizer = fp32_reference(model_dir, args.new)
+    text = tokenizer.apply_chat_template(_messages(QUESTIONS[0]), add_generation_prompt=True, tokenize=False)
+    long_prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    print(f"fp32 reference: {len(QUALITY_PROMPTS)} prompts x {args.new} greedy tokens; load average {load:.2f}")
+    print(f"{'weights':8} {'positions':>9} {'top-1 same':>10} {'KL mean':>9} {'KL p99':>9} {'fp32 not top5':>13} "
+          f"{'prefill s':>9} {'step ms':>8}")
+    for weights in [w.strip().upper() for w in args.types.split(",") if w.strip()]:
+        gguf = ensure_llamacpp_gguf(settings, weights)
+        r = compare(reference, gguf)
+        prefill, step = speed(gguf, long_prompt)
+        print(f"{weights:8} {r['positions']:>9} {r['top1']:>10.3f} {r['kl_mean']:>9.5f} {r['kl_p99']:>9.5f} "
+              f"{r['out_of_top5']:>13.3f} {prefill:>9.3f} {step * 1000:>8.1f}", flush=True)
+        _LLMS.pop(gguf).close()
+    print(f"(teacher forcing on fp32's own answers; prefill: {len(long_prompt)}-token prompt; step: one-token "
+          f"decode; plain llama-cpp-python, 2 threads; load average at end {os.getloadavg()[0]:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
