@@ -73,6 +73,10 @@ main() {
     if [ "${PGPT_SKIP_SETUP:-0}" != 1 ]; then
         # the suite tests both local backends: torch, and llama.cpp (PGPT_LLAMACPP=0 to leave it out)
         PGPT_LLAMACPP="${PGPT_LLAMACPP:-1}" bash "$ROOT/scripts/setup.sh" </dev/null
+        # set up with llama.cpp: its tests must then run, not skip (tests/unit/test_llamacpp_backend.py)
+        if [ "${PGPT_LLAMACPP:-1}" = 1 ]; then
+            export PGPT_EXPECT_LLAMACPP=1
+        fi
     fi
     if [ "${PGPT_SKIP_SYSTEM_PACKAGES:-0}" != 1 ]; then
         ensure_system_packages </dev/null

@@ -198,6 +198,14 @@ def test_adapter_with_lora_biases_is_unsupported(plain, tmp_path):
 
 # --- selection ----------------------------------------------------------------------------------
 
+def test_llamacpp_is_installed_where_the_suite_set_it_up():
+    """scripts/test.sh installs llama-cpp-python (unless PGPT_LLAMACPP=0) and says so in
+    PGPT_EXPECT_LLAMACPP: the llama.cpp tests below must then run rather than skip."""
+    if os.environ.get("PGPT_EXPECT_LLAMACPP") != "1":
+        pytest.skip("the suite was not set up with llama.cpp (PGPT_LLAMACPP=0 or run outside scripts/test.sh)")
+    assert INSTALLED, "scripts/test.sh set up llama-cpp-python, but it cannot be imported"
+
+
 def test_backend_follows_the_setting_and_what_is_installed(settings, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "torch")
     assert type(bundled_local_model(settings)) is LocalModel
