@@ -44,6 +44,16 @@ PROMPTS = [
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def need_llamacpp(why: str) -> None:
+    """Skip (saying ``why``) where llama-cpp-python is absent, except where scripts/test.sh set it
+    up (PGPT_EXPECT_LLAMACPP=1, the default of the test command and CI): there its absence fails."""
+    if INSTALLED:
+        return
+    if os.environ.get("PGPT_EXPECT_LLAMACPP") == "1":
+        pytest.fail("scripts/test.sh set up llama-cpp-python, but it cannot be imported")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, model_cache) -> Settings:
     result = Settings(home=tmp_path_factory.mktemp("llamacpp-home"), database_url="sqlite://", model_cache=model_cache)
@@ -198,26 +208,6 @@ def test_adapter_with_lora_biases_is_unsupported(plain, tmp_path):
 
 # --- selection ----------------------------------------------------------------------------------
 
-def test_llamacpp_is_installed_where_the_suite_set_it_up():
-    """scripts/test.sh installs llama-cpp-python (unless PGPT_LLAMACPP=0) and says so in
-    PGPT_EXPECT_LLAMACPP: the llama.cpp tests below must then run rather than skip."""
-    if os.environ.get("PGPT_EXPECT_LLAMACPP") != "1":
-        pytest.skip("the suite was not set up with llama.cpp (PGPT_LLAMACPP=0 or run outside scripts/test.sh)")
-    assert INSTALLED, "scripts/test.sh set up llama-cpp-python, but it cannot be imported"
-
-
-def test_backend_follows_the_setting_and_what_is_installed(settings, monkeypatch):
-    monkeypatch.setenv(BACKEND_ENV, "torch")
-    assert type(bundled_local_model(settings)) is LocalModel
-    monkeypatch.setenv(BACKEND_ENV, "auto")
-    chosen = bundled_local_model(settings)
-    assert type(chosen) is (LlamaCppModel if INSTALLED else LocalModel)
-    assert isinstance(chosen, ChatModel)
-    monkeypatch.setattr("personal_gpt.models.llamacpp.llamacpp_installed", lambda: False)
-    assert type(bundled_local_model(settings)) is LocalModel  # not installed: torch, no error
-    chosen.close()
-
-
 def test_weights_follow_the_setting_else_what_the_cpu_computes_natively(monkeypatch, caplog):
     from personal_gpt.models.bundled import WEIGHTS_ENV, llamacpp_weights, native_bf16
 
@@ -270,8 +260,7 @@ def test_the_served_weights_keep_fp32s_next_token_choices(settings, plain):
     """The weight type llama.cpp serves by default (BF16 where the CPU computes bf16, else F16)
     keeps fp32's next token and its distribution; the shipped Q4_1 file, whose activations
     llama.cpp rounds to 8 bits, does not pass the same bar (bench/weights_quality.py)."""
-    if not INSTALLED:
-        pytest.skip("llama-cpp-python is not installed: the torch path serves the fp32 weights themselves")
+    need_llamacpp("llama-cpp-python is not installed: the torch path serves the fp32 weights themselves")
     from personal_gpt.models.bundled import ensure_llamacpp_gguf
 
     top1, kl = teacher_forced(plain, ensure_llamacpp_gguf(settings), PROMPTS)
@@ -414,8 +403,7 @@ def test_every_llamacpp_computation_runs_on_the_scheduler_thread(settings, monke
     """Loading (the context's warm-up decode), an adapter's context and every decode run on the
     model's one scheduler thread, whichever threads load and chat: decoding on a thread other than
     the one that computed first ran ~35% slower (llama.cpp's OpenMP teams), see _on_llama_thread."""
-    if not INSTALLED:
-        pytest.skip("llama-cpp-python is not installed: there is no llama.cpp thread to check")
+    need_llamacpp("llama-cpp-python is not installed: there is no llama.cpp thread to check")
     import llama_cpp
 
     seen: list[str] = []
@@ -483,8 +471,7 @@ def test_a_guess_is_kept_with_the_models_probability_so_sampling_is_unchanged():
 @pytest.fixture
 def decode_sizes(monkeypatch) -> list[int]:
     """The number of tokens of every llama_decode call from now on (llama.cpp installed only)."""
-    if not INSTALLED:
-        pytest.skip("llama-cpp-python is not installed: the torch path does not speculate")
+    need_llamacpp("llama-cpp-python is not installed: the torch path does not speculate")
     import llama_cpp
 
     sizes: list[int] = []
