@@ -208,6 +208,18 @@ def test_adapter_with_lora_biases_is_unsupported(plain, tmp_path):
 
 # --- selection ----------------------------------------------------------------------------------
 
+def test_backend_follows_the_setting_and_what_is_installed(settings, monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert type(bundled_local_model(settings)) is LocalModel
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    chosen = bundled_local_model(settings)
+    assert type(chosen) is (LlamaCppModel if INSTALLED else LocalModel)
+    assert isinstance(chosen, ChatModel)
+    monkeypatch.setattr("personal_gpt.models.llamacpp.llamacpp_installed", lambda: False)
+    assert type(bundled_local_model(settings)) is LocalModel  # not installed: torch, no error
+    chosen.close()
+
+
 def test_weights_follow_the_setting_else_what_the_cpu_computes_natively(monkeypatch, caplog):
     from personal_gpt.models.bundled import WEIGHTS_ENV, llamacpp_weights, native_bf16
 
