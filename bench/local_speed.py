@@ -320,6 +320,9 @@ def main() -> int:
     parser.add_argument("--skip-torch", action="store_true", help="leave out our torch path (plain fp32 stays)")
     parser.add_argument("--weights", default="", help="weight types for our llama.cpp path, comma-separated "
                         "(default: the shipped default); the adapter rows use the first")
+    parser.add_argument("--kv", default="split", help="llama.cpp KV cache layouts for our path, comma-separated: "
+                        "split (each chat its own cells, the default) and/or unified (one cache shared by all); "
+                        "each row runs with every layout")
     args = parser.parse_args()
     if args.home:
         os.environ["PERSONAL_GPT_HOME"] = str(args.home)
@@ -329,6 +332,7 @@ def main() -> int:
     import torch
 
     from personal_gpt.models.bundled import (
+        SEQ_CELLS_ENV,
         WEIGHTS_ENV,
         bundled_gguf_path,
         bundled_local_model,
@@ -375,33 +379,37 @@ def main() -> int:
         print("plain llama-cpp-python, shipped Q4_1 file ...", flush=True)
         rows["llama-cpp-python Q4_1"] = plain_llamacpp(bundled_gguf_path(), threads, max_new, quality_new, repeats,
                                                        tokenizer, plain["reference"], encode)
+        layouts = [k.strip() for k in args.kv.split(",") if k.strip()]
         for i, weights in enumerate(args.weights.split(",") if args.weights else [llamacpp_weights()]):
-            print(f"ours, llama.cpp path, {weights} weights ...", flush=True)
-            os.environ[WEIGHTS_ENV] = weights
-            ensure_llamacpp_gguf(settings)
-            ours = bundled_local_model(settings, backend="llama.cpp")
-            if ours.serving != "llama.cpp":
-                print(f"our llama.cpp path did not load: {ours._broken}")
-            rows[f"ours llama.cpp {weights}"] = chat_model_phase(ours, None, max_new, quality_new, repeats, tokenizer,
-                                                                 plain["reference"])
-            if i == 0:
-                rows[f"ours llama.cpp {weights} + adapter"] = chat_model_phase(
-                    ours, adapter, max_new, quality_new, repeats, tokenizer, plain["reference_adapter"])
-            ours.close()
-            del ours
-            gc.collect()
+            for layout in layouts:
+                label = f"{weights}" + ("" if layout == "split" else f" {layout}")
+                print(f"ours, llama.cpp path, {weights} weights, {layout} KV cache ...", flush=True)
+                os.environ[WEIGHTS_ENV] = weights
+                os.environ[SEQ_CELLS_ENV] = "0" if layout == "unified" else ""
+                ensure_llamacpp_gguf(settings)
+                ours = bundled_local_model(settings, backend="llama.cpp")
+                if ours.serving != "llama.cpp":
+                    print(f"our llama.cpp path did not load: {ours._broken}")
+                rows[f"ours llama.cpp {label}"] = chat_model_phase(ours, None, max_new, quality_new, repeats,
+                                                                   tokenizer, plain["reference"])
+                if i == 0:
+                    rows[f"ours llama.cpp {label} + adapter"] = chat_model_phase(
+                        ours, adapter, max_new, quality_new, repeats, tokenizer, plain["reference_adapter"])
+                ours.close()
+                del ours
+                gc.collect()
     else:
         print("llama-cpp-python is not installed: the llama.cpp rows are left out")
 
     print()
-    head = f"{'path':28} {'TTFT s':>7} {'warm s':>7} {'dec t/s':>8} {'1 chat':>7} {'4 chats':>8} {'8 chats':>8} " \
+    head = f"{'path':38} {'TTFT s':>7} {'warm s':>7} {'dec t/s':>8} {'1 chat':>7} {'4 chats':>8} {'8 chats':>8} " \
            f"{'8x/1x':>6} {'mem MB':>7} {'exact':>6} {'overlap':>8} {'min':>5}"
     print(head)
     for name, r in rows.items():
         c = r["concurrent"]
         warm = f"{r['ttft_warm']:7.3f}" if "ttft_warm" in r else f"{'-':>7}"
         q = r["quality"]
-        print(f"{name:28} {r['ttft']:7.3f} {warm} {r['decode']:8.1f} {c[1]:7.1f} {c[4]:8.1f} {c[8]:8.1f} "
+        print(f"{name:38} {r['ttft']:7.3f} {warm} {r['decode']:8.1f} {c[1]:7.1f} {c[4]:8.1f} {c[8]:8.1f} "
               f"{c[8] / c[1]:6.2f} {r['memory']:7.0f} {q[0]:>3}/{len(QUALITY_PROMPTS):<2} {q[1]:8.3f} {q[2]:5.2f}")
     print("(TTFT: cold, ~680-token prompt; warm: same instructions, new question; 1/4/8 chats: aggregate tokens/s "
           "of chats started together (plain transformers: batched generate; plain llama-cpp-python: one after "

@@ -28,6 +28,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 BACKEND_ENV = "PERSONAL_GPT_LOCAL_BACKEND"
 BACKENDS = ("auto", "torch", "llama.cpp")
 WEIGHTS_ENV = "PERSONAL_GPT_LLAMACPP_WEIGHTS"
+SEQ_CELLS_ENV = "PERSONAL_GPT_LLAMACPP_SEQ_CELLS"
 # What the llama.cpp copy stores. F16 answers as fp32 does; the quantized types are faster but llama.cpp
 # then rounds activations to 8 bits, which breaks this small model's answers (bench/local_speed.py).
 # BF16 (the precision SmolLM2 was trained in) keeps fp32's next-token choice at 99.8% of positions
@@ -149,6 +150,25 @@ def llamacpp_weights() -> str:
     return "BF16" if native_bf16() else LLAMACPP_WEIGHTS
 
 
+def llamacpp_seq_cells() -> int:
+    """KV cells each chat gets in llama.cpp's plain-model cache (``PERSONAL_GPT_LLAMACPP_SEQ_CELLS``):
+    a number from 256 (chats longer than it run in a shared long-chat cache), or 0 for one cache shared
+    by every chat (llama.cpp's unified cache: less memory, slower with several chats at once)."""
+    from personal_gpt.models.llamacpp import SEQ_CELLS
+
+    raw = os.environ.get(SEQ_CELLS_ENV, "").strip()
+    if not raw:
+        return SEQ_CELLS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value == 0 or 256 <= value <= 65536:
+        return value
+    log.warning("%s=%r is not 0 or a number of cells from 256 to 65536; using %d", SEQ_CELLS_ENV, raw, SEQ_CELLS)
+    return SEQ_CELLS
+
+
 _NATIVE_BF16: bool | None = None
 
 
@@ -218,4 +238,5 @@ def bundled_local_model(settings, backend: str | None = None):
         log.exception("the llama.cpp copy of the bundled model could not be prepared; using the torch path")
         return torch_model()
     return LlamaCppModel(gguf, path, BUNDLED_NAME, base_id=base_id, fallback=torch_model,
-                         threads=settings.torch_threads, max_batch=settings.max_batch)
+                         threads=settings.torch_threads, max_batch=settings.max_batch,
+                         seq_cells=llamacpp_seq_cells())

@@ -33,7 +33,16 @@ from personal_gpt.models.local import EXTRA_EOS_TOKENS, _read_context_window, ch
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # tokens per llama_decode call (prompt chunks and decode rows together)
-KV_CELLS = 16384  # KV cache cells shared by the plain model's sequences (f16: ~23 KB each for SmolLM2-135M)
+KV_CELLS = 16384  # KV cells of a unified plain-model context (seq_cells=0) (f16: ~23 KB each for SmolLM2-135M)
+# The plain model's context gives each sequence its own SEQ_CELLS cells (llama.cpp's non-unified cache,
+# kv_unified=False): a row's attention then reads only its own chat's cells, where in a unified cache
+# every row walks the cells of every chat kept. Measured here (2 cores, BF16, 8 chats of ~700 tokens):
+# a step of 8 rows 37-41 ms against 50-55 ms unified; one row beside 10 kept chats 11.5 against 14.9 ms.
+# llama.cpp computes a non-unified batch in one pass only when its sequences' ids are consecutive and
+# each feeds as many tokens as the others (see _decode). Chats longer than this run in LONG_KEY's
+# context, unified like an adapter's (SEQ_CELLS x 12 sequences: ~565 MB of f16 cells).
+SEQ_CELLS = 2048
+LONG_KEY = "long"  # the plain model's context for chats longer than SEQ_CELLS
 IDLE_ADAPTER_CONTEXTS = 2  # contexts of adapters no chat uses that are kept (their prompts stay cached)
 SPARE_SEQUENCES = 4  # finished sequences kept beyond max_batch so later prompts reuse their prefix
 MIN_REUSE = 16  # shorter common prefixes are not worth keeping a finished sequence for
@@ -129,6 +138,8 @@ class _Ctx:
     batch: Any
     seqs: list[_Seq]
     last_used: float = 0.0
+    split: bool = False  # every sequence has its own cells (a stream of ``cells``); else all share them
+    cells: int = 0
 
     @property
     def running(self) -> bool:
@@ -176,7 +187,7 @@ class LlamaCppModel:
         self, gguf_path: Path, model_dir: Path, name: str, base_id: str,
         fallback: Callable[[], Any], threads: int = 0, max_batch: int = 8, max_adapters: int = 16,
         kv_cells: int = KV_CELLS, chunk: int = PREFILL_CHUNK, flash_attn: int = -1,
-        draft_tokens: int = DRAFT_TOKENS,
+        draft_tokens: int = DRAFT_TOKENS, seq_cells: int = SEQ_CELLS,
     ):
         self.gguf_path = Path(gguf_path)
         self.model_dir = Path(model_dir)
@@ -187,6 +198,8 @@ class LlamaCppModel:
         self.max_adapters = max(1, int(max_adapters))
         self.context_window = _read_context_window(self.model_dir)
         self.kv_cells = max(int(kv_cells), self.context_window)
+        # cells per sequence of the plain model's context (0: one unified cache of kv_cells)
+        self.seq_cells = min(max(0, int(seq_cells)), self.context_window)
         self.chunk = max(16, int(chunk), self.max_batch)  # every decoding row's token fits one batch
         self.flash_attn = int(flash_attn)  # llama.cpp's flash_attn_type: -1 auto, 0 off, 1 on
         self.draft_tokens = max(0, int(draft_tokens))  # 0: no speculation
@@ -301,17 +314,23 @@ class LlamaCppModel:
             raise
         return engine
 
-    def _new_context(self, engine: _Engine, lora: _Lora | None) -> _Ctx:
-        """A context for the plain model or for one adapter, warmed up (its first
-        decode plans and allocates the graphs)."""
+    def _new_context(self, engine: _Engine, lora: _Lora | None, key: str | None = None) -> _Ctx:
+        """A context for the plain model (``key`` None, or LONG_KEY for long chats) or for one
+        adapter, warmed up (its first decode plans and allocates the graphs)."""
         lib = _lib()
+        sequences = self.max_batch + SPARE_SEQUENCES
+        split = lora is None and key is None and self.seq_cells > 0
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = self.kv_cells if lora is None else self.context_window
+        if split:
+            cparams.n_ctx = self.seq_cells * sequences
+        else:
+            cparams.n_ctx = self.kv_cells if lora is None and key is None else self.context_window
         cparams.n_batch = cparams.n_ubatch = self.chunk
-        cparams.n_seq_max = self.max_batch + SPARE_SEQUENCES
+        cparams.n_seq_max = sequences
         threads = self.threads if self.threads > 0 else _cpu_threads()
         cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.kv_unified = True  # any sequence may use any cell: one long chat fits the whole window
+        # unified: any sequence may use any cell, so one long chat fits the whole window
+        cparams.kv_unified = not split
         cparams.no_perf = True
         cparams.flash_attn_type = self.flash_attn
         ctx = lib.llama_init_from_model(engine.model, cparams)
@@ -320,10 +339,11 @@ class LlamaCppModel:
         if lora is not None:
             handles = (lib.llama_adapter_lora_p_ctypes * 1)(lora.handle)
             lib.llama_set_adapters_lora(ctx, handles, 1, (ctypes.c_float * 1)(1.0))
-        result = _Ctx(key=None if lora is None else lora.key, ctx=ctx, memory=lib.llama_get_memory(ctx),
+        result = _Ctx(key=lora.key if lora is not None else key, ctx=ctx, memory=lib.llama_get_memory(ctx),
                       batch=lib.llama_batch_init(self.chunk, 0, 1),
-                      seqs=[_Seq(seq_id=i) for i in range(self.max_batch + SPARE_SEQUENCES)],
-                      last_used=time.monotonic())
+                      seqs=[_Seq(seq_id=i) for i in range(sequences)],
+                      last_used=time.monotonic(), split=split,
+                      cells=int(lib.llama_n_ctx_seq(ctx) if split else lib.llama_n_ctx(ctx)))
         batch = result.batch
         batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = 0, 0, 1, 1
         batch.seq_id[0][0] = 0
@@ -622,9 +642,13 @@ class LlamaCppModel:
 
     def _context_for(self, engine: _Engine, request: _Request) -> _Ctx:
         key = request.adapter_key
+        plain = engine.contexts.get(None)
+        if key is None and plain is not None and plain.split and \
+                len(request.prompt) + request.settings.max_new_tokens > plain.cells:
+            key = LONG_KEY  # longer than a sequence's own cells
         context = engine.contexts.get(key)
         if context is None:
-            context = self._new_context(engine, request.adapter)
+            context = self._new_context(engine, request.adapter, key=key if request.adapter is None else None)
             engine.contexts[key] = context
         context.last_used = time.monotonic()
         return context
@@ -644,6 +668,11 @@ class LlamaCppModel:
 
         context = self._context_for(engine, request)
         prompt = request.prompt
+        running = [seq.seq_id for seq in context.seqs if seq.request is not None]
+
+        def apart(seq: _Seq) -> int:  # split cache: a sequence next to the running ones leaves fewer gaps
+            return min((abs(seq.seq_id - other) for other in running), default=0) if context.split else 0
+
         best, best_len = None, -1
         for seq in context.seqs:
             if seq.request is not None:
@@ -651,7 +680,7 @@ class LlamaCppModel:
             n = min(_common(seq.tokens, prompt), len(prompt) - 1)  # the last prompt token is always fed
             if n < MIN_REUSE:
                 n = 0
-            if n > best_len or (n == best_len and seq.last_used < best.last_used):
+            if n > best_len or (n == best_len and (apart(seq), seq.last_used) < (apart(best), best.last_used)):
                 best, best_len = seq, n
         seq = best
         _lib().llama_memory_seq_rm(context.memory, seq.seq_id, best_len, -1)
@@ -694,30 +723,40 @@ class LlamaCppModel:
         seqs = [seq for seq in context.seqs if seq.request is not None]
         seqs.sort(key=lambda seq: seq.last_used)  # prompt chunks: oldest request first
         batch = context.batch
-        n = 0
-        fed: list[tuple[_Seq, list[int], int | None]] = []  # (sequence, tokens fed, batch index of its logits)
-
-        def put(seq: _Seq, token: int, pos: int, logits: bool) -> None:
-            nonlocal n
-            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
-            batch.seq_id[n][0] = seq.seq_id
-            batch.logits[n] = 1 if logits else 0
-            n += 1
+        rows: list[tuple[_Seq, list[int], int, str]] = []  # (sequence, tokens, first position, kind)
 
         decoding = [seq for seq in seqs if seq.pending is not None]
         speculate = 0 < len(decoding) <= SPECULATE_ROWS
+        drafts: list[list[int]] = []
+        used = 0
         for j, seq in enumerate(decoding):  # decoding rows first: their last token (and a guess at the next few)
             draft = []
             if speculate and seq.lookup is not None and seq.rng is None:  # greedy answers only: see DRAFT_TOKENS
                 if seq.kept >= GUESS_FLOOR:
-                    room = self.chunk - n - (len(decoding) - j)  # the batch keeps a place for every other row
+                    room = self.chunk - used - (len(decoding) - j)  # the batch keeps a place for every other row
                     draft = seq.lookup.draft(min(self._draft_room(seq), room))
                 else:  # its recent guesses missed: try again after a few tokens
                     seq.kept += 0.02
-            start = len(seq.tokens)
-            for i, token in enumerate([seq.pending] + draft):
-                put(seq, token, start + i, True)
-            fed.append((seq, [seq.pending] + draft, n - 1 - len(draft)))
+            drafts.append(draft)
+            used += 1 + len(draft)
+        gaps: list[_Seq] = []
+        if context.split and len(decoding) > 1:
+            # one pass needs consecutive sequence ids feeding equal numbers of tokens: the same
+            # number of guesses on every row, and a throw-away token for each sequence in between
+            ids = {seq.seq_id for seq in decoding}
+            gaps = [seq for seq in context.seqs if min(ids) < seq.seq_id < max(ids) and seq.seq_id not in ids
+                    and (seq.request is None or not self._follow(context, seq))]  # not computing its prompt
+            width = min(len(draft) for draft in drafts)
+            while width > 0 and (len(decoding) + len(gaps)) * (1 + width) > self.chunk:
+                width -= 1
+            drafts = [draft[:width] for draft in drafts]
+            gaps = [seq for seq in gaps if len(seq.tokens) + 1 + width <= context.cells]
+            gaps = gaps[: max(0, self.chunk // (1 + width) - len(decoding))]
+            for seq in gaps:
+                rows.append((seq, [seq.tokens[-1] if seq.tokens else 0] * (1 + width), len(seq.tokens), "gap"))
+        for seq, draft in zip(decoding, drafts):
+            rows.append((seq, [seq.pending] + draft, len(seq.tokens), "decode"))
+        n = sum(len(tokens) for _, tokens, _, _ in rows)
         for seq in seqs:  # then prompt chunks within the chunk budget
             if seq.pending is not None or not self._follow(context, seq):
                 continue
@@ -726,18 +765,34 @@ class LlamaCppModel:
             take = min(len(prompt) - start, self.chunk - n)
             if take <= 0:
                 continue
-            for i in range(take):
-                put(seq, prompt[start + i], start + i, start + i == len(prompt) - 1)
-            fed.append((seq, prompt[start:start + take], n - 1 if start + take == len(prompt) else None))
+            rows.append((seq, prompt[start:start + take], start, "prompt"))
+            n += take
         if n == 0:
             return
+        if context.split:
+            rows.sort(key=lambda row: row[0].seq_id)
+        fed: list[tuple[_Seq, list[int], int | None]] = []  # (sequence, tokens fed, batch index of its logits)
+        i = 0
+        for seq, tokens, start, kind in rows:
+            for offset, token in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + offset, 1
+                batch.seq_id[i][0] = seq.seq_id
+                batch.logits[i] = 1 if kind == "decode" or (
+                    kind == "prompt" and start + offset == len(seq.request.prompt) - 1) else 0
+                i += 1
+            if kind == "decode":
+                fed.append((seq, tokens, i - len(tokens)))
+            elif kind == "prompt":
+                fed.append((seq, tokens, i - 1 if start + len(tokens) == len(seq.request.prompt) else None))
         batch.n_tokens = n
         status = lib.llama_decode(context.ctx, batch)
-        if status == 1:  # no room in the KV cache: drop kept prefixes and try once more
+        if status == 1 and not context.split:  # no room in the KV cache: drop kept prefixes and try once more
             for seq in context.seqs:
                 if seq.request is None and seq.tokens:
                     self._free(context, seq, forget=True)
             status = lib.llama_decode(context.ctx, batch)
+        for seq in gaps:  # the throw-away tokens' cells
+            lib.llama_memory_seq_rm(context.memory, seq.seq_id, len(seq.tokens), -1)
         if status != 0:
             log.warning("llama_decode returned %s for %d tokens", status, n)
             message = ("There is not enough room for this many long chats at once; try again in a moment."
@@ -758,7 +813,8 @@ class LlamaCppModel:
     def _follow(context: _Ctx, seq: _Seq) -> bool:
         """For a sequence sharing its prompt's start with another running one: False while
         that one is still computing the shared part; then its cells are shared (no copy in
-        a unified cache) and True: the rest of the prompt is computed as usual."""
+        a unified cache; a copy of its stream in a split one) and True: the rest of the prompt is
+        computed as usual."""
         if seq.leader is None:
             return True
         leader, request, shared = seq.leader
@@ -766,7 +822,12 @@ class LlamaCppModel:
         if leader.tokens[:shared] == prompt[:shared]:
             start = len(seq.tokens)
             if shared > start:
-                _lib().llama_memory_seq_cp(context.memory, leader.seq_id, seq.seq_id, start, shared)
+                lib = _lib()
+                if context.split:  # across streams llama.cpp copies a whole stream: then cut it at ``shared``
+                    lib.llama_memory_seq_cp(context.memory, leader.seq_id, seq.seq_id, -1, -1)
+                    lib.llama_memory_seq_rm(context.memory, seq.seq_id, shared, -1)
+                else:
+                    lib.llama_memory_seq_cp(context.memory, leader.seq_id, seq.seq_id, start, shared)
                 seq.tokens = list(prompt[:shared])
             seq.leader = None
             return True

@@ -321,17 +321,35 @@ def test_adapter_answers_match_plain_peft_fp32(auto, plain, adapter):
     assert [answer(auto, m, adapter) for m in PROMPTS] != [answer(auto, m) for m in PROMPTS]  # it is applied
 
 
-def test_chats_at_once_answer_as_each_alone(auto, plain, adapter):
+@pytest.fixture
+def exact(settings, auto):
+    """The bundled model on llama.cpp with F16 weights (where llama.cpp is installed; else ``auto``).
+    Batching checks use F16: with BF16, "one sentence about the sea" sits on a near tie that a batch
+    of two takes the other way at its 4th token (seen here in the unified and the split cache alike,
+    with and without guesses): a rounding difference, not a batching fault."""
+    if not INSTALLED:
+        yield auto
+        return
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+
+    model = LlamaCppModel(ensure_llamacpp_gguf(settings, "F16"), settings.model_cache_dir / BUNDLED_ID,
+                          "SmolLM2 (F16)", base_id=f"bundled:{BUNDLED_ID}", fallback=lambda: None)
+    yield model
+    model.close()
+
+
+def test_chats_at_once_answer_as_each_alone(exact, plain, adapter):
+    model = exact
     jobs = [(PROMPTS[0], None), (PROMPTS[1], adapter), (PROMPTS[2], None)]
     alone = []
     for messages, adapter_ref in jobs:  # each computed in full, alone
-        auto.clear_prefix_cache()
-        alone.append(answer(auto, messages, adapter_ref))
-    auto.clear_prefix_cache()
+        model.clear_prefix_cache()
+        alone.append(answer(model, messages, adapter_ref))
+    model.clear_prefix_cache()
     together: list[str | None] = [None] * 3
 
     def run(i):
-        together[i] = answer(auto, jobs[i][0], jobs[i][1])
+        together[i] = answer(model, jobs[i][0], jobs[i][1])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
     for t in threads:
@@ -343,7 +361,7 @@ def test_chats_at_once_answer_as_each_alone(auto, plain, adapter):
     shares = [overlap(t, a, plain[1]) for t, a in zip(together, alone)]
     assert min(shares) >= 0.5 and sum(shares) / len(shares) >= 0.8, (shares, together, alone)
     # the same prompt again starts from the kept cells (only its last token is computed)
-    assert overlap(answer(auto, PROMPTS[1], adapter), alone[1], plain[1]) >= 0.5
+    assert overlap(answer(model, PROMPTS[1], adapter), alone[1], plain[1]) >= 0.5
 
 
 # --- falling back to torch -------------------------------------------------------------------
@@ -372,7 +390,9 @@ def test_an_adapter_llamacpp_cannot_run_is_served_by_torch(auto, plain, tmp_path
 
 def test_chats_started_together_share_their_instructions(auto, plain, monkeypatch):
     """Chats with the same instructions arriving at once: the first computes them, the
-    others take its cells (llama_memory_seq_cp) and compute only their own question."""
+    others take its cells (llama_memory_seq_cp: the shared range in a unified cache, the
+    leader's whole stream, cut after the shared part, in a split one) and compute only their own
+    question; the answers stay those each chat gets alone."""
     if not isinstance(auto, LlamaCppModel):  # the torch path has its own prefix cache (test_models_local)
         assert type(auto) is LocalModel and not INSTALLED
         return
@@ -406,7 +426,11 @@ def test_chats_started_together_share_their_instructions(auto, plain, monkeypatc
     for t in threads:
         t.join()
     shared = len(auto.encode([instructions]))  # at least the instructions' tokens
-    assert len(copies) == len(chats) - 1 and all(end - start >= shared - 8 for _, _, start, end in copies), copies
+    assert len(copies) == len(chats) - 1, copies
+    if auto._engine.contexts[None].split:  # its own cells per chat: the leader's stream is copied whole
+        assert all((start, end) == (-1, -1) for _, _, start, end in copies), copies
+    else:
+        assert all(end - start >= shared - 8 for _, _, start, end in copies), copies
     shares = [overlap(t, a, plain[1]) for t, a in zip(together, alone)]
     assert min(shares) >= 0.5, (shares, together, alone)
 
@@ -558,3 +582,137 @@ def test_guesses_never_overfill_a_small_batch(settings, plain, decode_sizes):
     assert max(decode_sizes) <= 16, max(decode_sizes)
     shares = [overlap(a, b, plain[1]) for a, b in zip(results[4], results[0])]
     assert all(results[4]) and min(shares) >= 0.5, (results, shares)
+
+
+# --- the split KV cache: each chat its own cells ----------------------------------------------
+
+def test_cells_per_chat_follow_the_setting(monkeypatch, caplog):
+    from personal_gpt.models.bundled import SEQ_CELLS_ENV, llamacpp_seq_cells
+    from personal_gpt.models.llamacpp import SEQ_CELLS
+
+    monkeypatch.delenv(SEQ_CELLS_ENV, raising=False)
+    assert llamacpp_seq_cells() == SEQ_CELLS
+    for asked, served in (("0", 0), (" 4096 ", 4096), ("256", 256)):
+        monkeypatch.setenv(SEQ_CELLS_ENV, asked)
+        assert llamacpp_seq_cells() == served
+    for bad in ("lots", "100", "-5"):
+        monkeypatch.setenv(SEQ_CELLS_ENV, bad)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="personal_gpt.models.bundled"):
+            assert llamacpp_seq_cells() == SEQ_CELLS
+        assert f"{bad!r} is not 0 or a number of cells" in caplog.text
+
+
+def batches(monkeypatch) -> list[list[tuple[int, int, int, bool]]]:
+    """Every llama_decode batch from now on as (sequence, position, token, logits) per token."""
+    need_llamacpp("llama-cpp-python is not installed: there is no llama.cpp cache to check")
+    import llama_cpp
+
+    seen: list[list[tuple[int, int, int, bool]]] = []
+    real = llama_cpp.llama_decode
+
+    def decode(ctx, batch):
+        seen.append([(batch.seq_id[i][0], batch.pos[i], batch.token[i], bool(batch.logits[i]))
+                     for i in range(batch.n_tokens)])
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    return seen
+
+
+def test_decoding_rows_of_a_split_cache_go_in_one_pass(settings, plain, monkeypatch):
+    """llama.cpp computes a split cache's batch in one pass only over consecutive sequence ids that
+    feed equal numbers of tokens. Chats ending at different times leave idle sequences between running
+    ones: every batch still lists its decoding rows (one token, or the same number of guesses each)
+    over a consecutive run of ids, an idle sequence in between getting throw-away tokens whose cells
+    are removed after, and every answer is the one it gets alone."""
+    seen = batches(monkeypatch)
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+
+    model = LlamaCppModel(ensure_llamacpp_gguf(settings, "F16"), settings.model_cache_dir / BUNDLED_ID,
+                          "SmolLM2 (F16)", base_id=f"bundled:{BUNDLED_ID}", fallback=lambda: None, max_batch=4)
+    text = "The garden shop sells seeds, compost, gloves and watering cans from 9 am to 5 pm."
+    shops = ("Bakery", "Florist", "Ironmonger", "Chemist")  # instructions that share no prefix
+    chats = [([{"role": "system", "content": f"{shop} assistant: answer shortly."},
+               {"role": "user", "content": f"Repeat this sentence {i + 1} times:\n\n{text}"}],
+              GenerationSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n))
+             for i, (shop, n) in enumerate(zip(shops, (6, 40, 6, 40)))]
+    try:
+        model.load()
+        assert model._engine.contexts[None].split
+        # alone, one after another: chat i is computed in sequence i (the least recently used) and
+        # its prompt stays there, so together each chat takes its own sequence again: the short
+        # chats 0 and 2 end first and leave sequence 2 idle between the long chats 1 and 3
+        alone = ["".join(model.stream(messages, options)) for messages, options in chats]
+        assert [len(seq.tokens) > 0 for seq in model._engine.contexts[None].seqs][:5] == [True] * 4 + [False]
+        seen.clear()
+        together: list[str | None] = [None] * len(chats)
+
+        def run(i):
+            together[i] = "".join(model.stream(*chats[i]))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(chats))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        import llama_cpp
+
+        context = model._engine.contexts[None]  # each sequence's cells end where its kept tokens do
+        cells = [(len(seq.tokens) - 1, llama_cpp.llama_memory_seq_pos_max(context.memory, seq.seq_id))
+                 for seq in context.seqs]
+    finally:
+        model.close()
+    assert together == alone
+    assert all(want == got for want, got in cells), cells
+    gaps = 0
+    for batch in seen:
+        rows: dict[int, list[tuple[int, int, bool]]] = {}
+        for seq, pos, token, logits in batch:
+            rows.setdefault(seq, []).append((pos, token, logits))
+        decoding = {seq: toks for seq, toks in rows.items() if all(logits for *_, logits in toks)}
+        if len(decoding) < 2:
+            continue
+        widths = {len(toks) for toks in decoding.values()}
+        assert len(widths) == 1, batch  # the same number of guesses on every row
+        width = widths.pop()
+        span = range(min(decoding), max(decoding) + 1)
+        assert all(seq in rows and len(rows[seq]) >= width for seq in span), batch  # no hole in the run
+        order = [seq for seq, *_ in batch]
+        assert order == sorted(order), batch
+        gaps += sum(1 for seq in span if seq not in decoding and len(rows[seq]) == width
+                    and not any(logits for *_, logits in rows[seq]))
+    assert gaps > 0, "no batch had an idle sequence between decoding rows"
+
+
+def test_a_chat_longer_than_its_cells_runs_in_the_long_chat_cache(settings):
+    """With 256 cells per chat, a chat of ~400 tokens runs in the unified long-chat context
+    (LONG_KEY, created when needed) and answers as in a unified cache; a short one stays in the
+    split context."""
+    need_llamacpp("llama-cpp-python is not installed: there is no llama.cpp cache to check")
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+    from personal_gpt.models.llamacpp import LONG_KEY
+
+    gguf = ensure_llamacpp_gguf(settings, "F16")
+    long_chat = [{"role": "system", "content": "You answer for a village bakery that opens at 7 am. " * 30},
+                 {"role": "user", "content": "When does the bakery open?"}]
+    answers = {}
+    for cells in (256, 0):
+        model = LlamaCppModel(gguf, settings.model_cache_dir / BUNDLED_ID, "SmolLM2 (F16)",
+                              base_id=f"bundled:{BUNDLED_ID}", fallback=lambda: None, seq_cells=cells)
+        try:
+            model.load()
+            assert len(model.encode(long_chat)) + MAX_NEW > 256
+            answers[cells] = answer(model, long_chat)
+            contexts = model._engine.contexts
+            if cells:
+                assert contexts[None].split and contexts[None].cells == 256
+                assert LONG_KEY in contexts and not contexts[LONG_KEY].split
+                assert not any(seq.tokens for seq in contexts[None].seqs)
+                short = answer(model, PROMPTS[0])
+                assert "Paris" in short and any(seq.tokens for seq in contexts[None].seqs)
+            else:
+                assert not contexts[None].split and LONG_KEY not in contexts
+        finally:
+            model.close()
+    assert answers[256] == answers[0] and answers[0], answers
