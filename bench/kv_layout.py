@@ -135,8 +135,8 @@ def main() -> int:
                             model.clear_prefix_cache()
                             answers.append("".join(model.stream(messages, greedy)))
                         alone[(name, layout)] = answers
-                    "".join(model.stream(chats[0], _greedy(4)))  # instructions kept, as a running server has them
-                    model.clear_prefix_cache()
+                    "".join(model.stream(chats[0], _greedy(4)))  # a short answer first (graphs planned) ...
+                    model.clear_prefix_cache()  # ... then nothing kept: every chat starts from its whole prompt
                     result = together(model, chats, greedy)
                     result["same"] = sum(a == b for a, b in zip(result["answers"], alone[(name, layout)]))
                     results.setdefault((name, layout), []).append(result)
