@@ -2,7 +2,8 @@
 
 Owns: timing plain transformers fp32 ``generate``, our torch path (``LocalModel``)
 without and with a LoRA adapter, plain llama-cpp-python (``Llama``, the shipped Q4_1
-GGUF) and our llama.cpp path (``LlamaCppModel``) without and with the adapter, when
+GGUF) and our llama.cpp path (``LlamaCppModel``) without and with the adapter (merged
+into a copy of the weights, the default, and applied at run time), when
 llama-cpp-python is installed: time to first token (~680-token prompt), decode
 tokens/s, aggregate tokens/s for 1/4/8 chats at once, peak memory, and answers
 against fp32 greedy on 10 fixed prompts. Must not download anything.
@@ -210,6 +211,12 @@ def chat_model_phase(model, adapter: AdapterRef | None, max_new: int, quality_ne
     with PeakRss() as mem:
         if adapter is not None:
             model.load_adapter(adapter)
+            if getattr(model, "merged_adapters", 0):  # llama.cpp merges it in the background: time that path
+                started = time.perf_counter()
+                while adapter.name not in model.merged_adapters_now() and time.perf_counter() - started < 300:
+                    time.sleep(0.1)
+                result["merge_s"] = time.perf_counter() - started
+                print(f"  adapter merged into the weights after {result['merge_s']:.1f} s", flush=True)
         else:
             model.load()
         one(_messages(QUESTIONS[1]), 4)  # warm-up
@@ -332,6 +339,7 @@ def main() -> int:
     import torch
 
     from personal_gpt.models.bundled import (
+        MERGED_ENV,
         SEQ_CELLS_ENV,
         WEIGHTS_ENV,
         bundled_gguf_path,
@@ -398,18 +406,28 @@ def main() -> int:
                 ours.close()
                 del ours
                 gc.collect()
+                if i == 0 and layout == layouts[0]:  # the adapter applied at run time, as before merging
+                    print(f"ours, llama.cpp path, {weights} weights, adapter applied at run time ...", flush=True)
+                    os.environ[MERGED_ENV] = "0"
+                    ours = bundled_local_model(settings, backend="llama.cpp")
+                    rows[f"ours llama.cpp {label} + adapter, run-time LoRA"] = chat_model_phase(
+                        ours, adapter, max_new, quality_new, repeats, tokenizer, plain["reference_adapter"])
+                    os.environ[MERGED_ENV] = ""
+                    ours.close()
+                    del ours
+                    gc.collect()
     else:
         print("llama-cpp-python is not installed: the llama.cpp rows are left out")
 
     print()
-    head = f"{'path':38} {'TTFT s':>7} {'warm s':>7} {'dec t/s':>8} {'1 chat':>7} {'4 chats':>8} {'8 chats':>8} " \
+    head = f"{'path':46} {'TTFT s':>7} {'warm s':>7} {'dec t/s':>8} {'1 chat':>7} {'4 chats':>8} {'8 chats':>8} " \
            f"{'8x/1x':>6} {'mem MB':>7} {'exact':>6} {'overlap':>8} {'min':>5}"
     print(head)
     for name, r in rows.items():
         c = r["concurrent"]
         warm = f"{r['ttft_warm']:7.3f}" if "ttft_warm" in r else f"{'-':>7}"
         q = r["quality"]
-        print(f"{name:38} {r['ttft']:7.3f} {warm} {r['decode']:8.1f} {c[1]:7.1f} {c[4]:8.1f} {c[8]:8.1f} "
+        print(f"{name:46} {r['ttft']:7.3f} {warm} {r['decode']:8.1f} {c[1]:7.1f} {c[4]:8.1f} {c[8]:8.1f} "
               f"{c[8] / c[1]:6.2f} {r['memory']:7.0f} {q[0]:>3}/{len(QUALITY_PROMPTS):<2} {q[1]:8.3f} {q[2]:5.2f}")
     print("(TTFT: cold, ~680-token prompt; warm: same instructions, new question; 1/4/8 chats: aggregate tokens/s "
           "of chats started together (plain transformers: batched generate; plain llama-cpp-python: one after "

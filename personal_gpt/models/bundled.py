@@ -29,6 +29,7 @@ BACKEND_ENV = "PERSONAL_GPT_LOCAL_BACKEND"
 BACKENDS = ("auto", "torch", "llama.cpp")
 WEIGHTS_ENV = "PERSONAL_GPT_LLAMACPP_WEIGHTS"
 SEQ_CELLS_ENV = "PERSONAL_GPT_LLAMACPP_SEQ_CELLS"
+MERGED_ENV = "PERSONAL_GPT_LLAMACPP_MERGED_ADAPTERS"
 # What the llama.cpp copy stores. F16 answers as fp32 does; the quantized types are faster but llama.cpp
 # then rounds activations to 8 bits, which breaks this small model's answers (bench/local_speed.py).
 # BF16 (the precision SmolLM2 was trained in) keeps fp32's next-token choice at 99.8% of positions
@@ -169,6 +170,25 @@ def llamacpp_seq_cells() -> int:
     return SEQ_CELLS
 
 
+def llamacpp_merged_adapters() -> int:
+    """How many fine-tuned adapters llama.cpp runs from a merged copy of the weights
+    (``PERSONAL_GPT_LLAMACPP_MERGED_ADAPTERS``, 0 to 8; each copy takes ~270 MB of memory;
+    0: every adapter is applied at run time, slower per token)."""
+    from personal_gpt.models.llamacpp import MERGED_ADAPTERS
+
+    raw = os.environ.get(MERGED_ENV, "").strip()
+    if not raw:
+        return MERGED_ADAPTERS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if 0 <= value <= 8:
+        return value
+    log.warning("%s=%r is not a number from 0 to 8; using %d", MERGED_ENV, raw, MERGED_ADAPTERS)
+    return MERGED_ADAPTERS
+
+
 _NATIVE_BF16: bool | None = None
 
 
@@ -239,4 +259,4 @@ def bundled_local_model(settings, backend: str | None = None):
         return torch_model()
     return LlamaCppModel(gguf, path, BUNDLED_NAME, base_id=base_id, fallback=torch_model,
                          threads=settings.torch_threads, max_batch=settings.max_batch,
-                         seq_cells=llamacpp_seq_cells())
+                         seq_cells=llamacpp_seq_cells(), merged_adapters=llamacpp_merged_adapters())

@@ -1,5 +1,6 @@
 """GGUF files for the llama.cpp backend: the bundled model re-encoded into a weight
-type llama.cpp runs fast here, and peft LoRA adapters written as GGUF LoRA adapters.
+type llama.cpp runs fast here, peft LoRA adapters written as GGUF LoRA adapters, and
+the model with an adapter merged into its weights.
 
 Owns: reading/writing GGUF with the ``gguf`` package, the HF -> GGUF tensor names and
 the q/k row order llama.cpp expects, atomic publication of the files it writes.
@@ -143,12 +144,12 @@ def lora_scalings(config: dict, modules: set[str]) -> dict[str, float]:
     return result
 
 
-def lora_to_gguf(adapter_dir: Path, target: Path, shape: dict) -> Path:
-    """Write the peft LoRA adapter in ``adapter_dir`` as a GGUF LoRA adapter for a model
-    of ``shape`` (``model_shape``). peft's scaling is folded into each B (the file's
-    alpha is 0, so llama.cpp applies B·A as is). Raises ``Unsupported`` for what
-    llama.cpp cannot express here (biases, embeddings, the output layer, other modules)."""
-    import gguf
+def _lora_tensors(adapter_dir: Path, shape: dict) -> list[tuple[str, "object", "object"]]:
+    """The peft LoRA adapter in ``adapter_dir`` as (GGUF weight name, A, B) for a model of
+    ``shape`` (``model_shape``): float32 arrays, A [rank, in] and B [out, rank] with peft's
+    scaling folded into B and q/k rows in llama.cpp's order, so W + B·A is the adapted
+    weight. Raises ``Unsupported`` for what llama.cpp cannot express (biases, embeddings,
+    the output layer, other modules)."""
     import numpy as np
     from safetensors.numpy import load_file
 
@@ -164,24 +165,86 @@ def lora_to_gguf(adapter_dir: Path, target: Path, shape: dict) -> Path:
     if not pairs:
         raise Unsupported("the adapter holds no LoRA weights")
     scalings = lora_scalings(config, {f"model.layers.{layer}.{module}" for layer, module in pairs})
+    out = []
+    for (layer, module), parts in sorted(pairs.items()):
+        if set(parts) != {"A", "B"} or layer >= shape["n_layer"]:
+            raise Unsupported(f"layer {layer} {module}: incomplete or out of range")
+        a = parts["A"].astype(np.float32)
+        b = parts["B"].astype(np.float32) * np.float32(scalings[f"model.layers.{layer}.{module}"])
+        if module == "self_attn.q_proj":
+            b = rope_rows(b, shape["n_head"])
+        elif module == "self_attn.k_proj":
+            b = rope_rows(b, shape["n_head_kv"])
+        out.append((f"blk.{layer}.{HF_TO_GGUF[module]}.weight", np.ascontiguousarray(a), np.ascontiguousarray(b)))
+    return out
+
+
+def lora_to_gguf(adapter_dir: Path, target: Path, shape: dict) -> Path:
+    """Write the peft LoRA adapter in ``adapter_dir`` as a GGUF LoRA adapter for a model
+    of ``shape`` (``model_shape``). peft's scaling is folded into each B (the file's
+    alpha is 0, so llama.cpp applies B·A as is). Raises ``Unsupported`` for what
+    llama.cpp cannot express (biases, embeddings, the output layer, other modules)."""
+    import gguf
+
+    tensors = _lora_tensors(adapter_dir, shape)
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), shape["arch"])
         writer.add_type("adapter")
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", 0.0)  # 0: llama.cpp uses B·A unscaled
-        for (layer, module), parts in sorted(pairs.items()):
-            if set(parts) != {"A", "B"} or layer >= shape["n_layer"]:
-                raise Unsupported(f"layer {layer} {module}: incomplete or out of range")
-            a = parts["A"].astype(np.float32)
-            b = parts["B"].astype(np.float32) * np.float32(scalings[f"model.layers.{layer}.{module}"])
-            if module == "self_attn.q_proj":
-                b = rope_rows(b, shape["n_head"])
-            elif module == "self_attn.k_proj":
-                b = rope_rows(b, shape["n_head_kv"])
-            name = f"blk.{layer}.{HF_TO_GGUF[module]}.weight"
-            writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a))
-            writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
+        for name, a, b in tensors:
+            writer.add_tensor(f"{name}.lora_a", a)
+            writer.add_tensor(f"{name}.lora_b", b)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    return _publish(write, Path(target))
+
+
+def merge_lora(model: Path, adapter_dir: Path, target: Path, shape: dict) -> Path:
+    """Write ``model`` (a GGUF model) to ``target`` with the peft LoRA adapter in
+    ``adapter_dir`` merged into its weights: each adapted weight becomes W + B·A, computed
+    in float32 and stored in W's own type; every other tensor, the metadata and the
+    tokenizer are copied as they are. llama.cpp then runs the adapted model as fast as the
+    plain one (a LoRA applied at run time adds two small products per weight and step).
+    Raises ``Unsupported`` as ``lora_to_gguf`` does, or when a weight is missing."""
+    import gguf
+    import numpy as np
+
+    deltas = {name: (a, b) for name, a, b in _lora_tensors(adapter_dir, shape)}
+    reader = gguf.GGUFReader(str(model))
+    missing = set(deltas) - {t.name for t in reader.tensors}
+    if missing:
+        raise Unsupported(f"the model has no weight {sorted(missing)[0]}")
+    arch = reader.fields["general.architecture"].contents()
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        _copy_fields(reader, writer, skip={"general.architecture"})
+        for tensor in reader.tensors:
+            delta = deltas.get(tensor.name)
+            if delta is None:
+                writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_shape=tensor.data.shape,
+                                  raw_dtype=tensor.tensor_type)
+                continue
+            a, b = delta
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+            values = values.reshape([int(n) for n in reversed(tensor.shape)])
+            if values.shape != (b.shape[0], a.shape[1]):
+                raise Unsupported(f"{tensor.name} is {values.shape}, the adapter's update "
+                                  f"{(b.shape[0], a.shape[1])}")
+            values += b @ a
+            kind = tensor.tensor_type
+            if kind == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(tensor.name, values)
+            elif kind == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(tensor.name, values.astype(np.float16))
+            else:
+                packed = gguf.quants.quantize(values, kind)
+                writer.add_tensor(tensor.name, packed, raw_shape=packed.shape, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

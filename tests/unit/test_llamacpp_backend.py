@@ -27,7 +27,7 @@ from personal_gpt.models.bundled import (  # noqa: E402
     bundled_local_model,
     ensure_bundled_model,
 )
-from personal_gpt.models.gguf_files import Unsupported, lora_to_gguf, model_shape, rope_rows  # noqa: E402
+from personal_gpt.models.gguf_files import Unsupported, lora_to_gguf, merge_lora, model_shape, rope_rows  # noqa: E402
 from personal_gpt.models.llamacpp import LlamaCppModel, llamacpp_installed  # noqa: E402
 from personal_gpt.models.local import LocalModel  # noqa: E402
 from personal_gpt.models.registry import ModelRegistry  # noqa: E402
@@ -199,6 +199,47 @@ def test_lora_gguf_holds_every_pair_with_scaling_folded_in(plain, adapter, tmp_p
                        peft[prefix + "mlp.down_proj.lora_B.weight"] * np.float32(scaling))
 
 
+
+def test_merged_weights_are_the_weights_plus_the_scaled_lora_product(settings, adapter, tmp_path):
+    """merge_lora writes W + (alpha / r)·B·A into each adapted weight, in the model file's own
+    type and row order, and copies everything else byte for byte."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+
+    source = ensure_llamacpp_gguf(settings, "F16")
+    shape = model_shape(source)
+    target = merge_lora(source, adapter.path, tmp_path / "merged.gguf", shape)
+    before = {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
+    reader = gguf.GGUFReader(str(target))
+    after = {t.name: t for t in reader.tensors}
+    assert set(after) == set(before)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert all(after[n].tensor_type == before[n].tensor_type for n in before)
+    for name in ("token_embd.weight", "blk.3.attn_norm.weight", "output_norm.weight"):
+        assert np.array_equal(np.asarray(after[name].data), np.asarray(before[name].data)), name
+
+    hf = load_file(str(settings.model_cache_dir / BUNDLED_ID / "model.safetensors"))
+    peft = load_file(str(adapter.path / "adapter_model.safetensors"))
+    scaling = np.float32(16 / 8)  # lora_alpha / r of the fixture
+
+    def values(t):
+        return gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+
+    for layer, hf_name, name, heads in [(4, "self_attn.q_proj", "attn_q", shape["n_head"]),
+                                        (4, "self_attn.k_proj", "attn_k", shape["n_head_kv"]),
+                                        (7, "mlp.down_proj", "ffn_down", None)]:
+        prefix = f"base_model.model.model.layers.{layer}.{hf_name}."
+        merged = hf[f"model.layers.{layer}.{hf_name}.weight"].astype(np.float32) + scaling * (
+            peft[prefix + "lora_B.weight"] @ peft[prefix + "lora_A.weight"])
+        if heads is not None:
+            merged = rope_rows(merged, heads)
+        got, was = values(after[f"blk.{layer}.{name}.weight"]), values(before[f"blk.{layer}.{name}.weight"])
+        assert not np.allclose(got, was)  # it changed ...
+        assert np.allclose(got, merged, rtol=2e-3, atol=2e-4)  # ... into peft's merged weight, rounded to F16
+
 def test_adapter_with_lora_biases_is_unsupported(plain, tmp_path):
     ref = make_adapter(plain, tmp_path / "biased", seed=5, targets=["q_proj", "v_proj"], scale=0.05, bias=True)
     with pytest.raises(Unsupported):
@@ -363,6 +404,73 @@ def test_chats_at_once_answer_as_each_alone(exact, plain, adapter):
     # the same prompt again starts from the kept cells (only its last token is computed)
     assert overlap(answer(model, PROMPTS[1], adapter), alone[1], plain[1]) >= 0.5
 
+
+
+def wait_until(check, seconds: float = 180.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return check()
+
+
+def test_an_adapter_runs_from_merged_weights_once_they_are_built(settings, plain, adapter, tmp_path):
+    """The first adapter is merged into a copy of the weights in the background; its chats then run
+    there (answers as plain peft fp32 gives them), its run-time LoRA context is freed, a second
+    adapter stays applied at run time (MERGED_ADAPTERS = 1), and forgetting the first frees its copy."""
+    need_llamacpp("llama-cpp-python is not installed: there are no merged llama.cpp weights")
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+    from personal_gpt.models.llamacpp import MERGED_SUFFIX
+
+    model = LlamaCppModel(ensure_llamacpp_gguf(settings, "F16"), settings.model_cache_dir / BUNDLED_ID,
+                          "SmolLM2 (F16)", base_id=f"bundled:{BUNDLED_ID}", fallback=lambda: None, merged_adapters=1)
+    other = make_adapter(plain, tmp_path / "adp-other", seed=11, targets=ALL_LINEAR, scale=0.1)
+    try:
+        first = answer(model, PROMPTS[0], adapter)  # served at once, by the LoRA applied at run time
+        assert first
+        assert wait_until(lambda: model.merged_adapters_now() == [adapter.name]), model.merged_adapters_now()
+        lora = model._loras[adapter.name]
+        shares = [overlap(answer(model, m, adapter), reference(plain, m, adapter), plain[1]) for m in PROMPTS]
+        assert min(shares) >= 0.5 and sum(shares) / len(shares) >= 0.8, shares
+        contexts = model._engine.contexts
+        assert lora.key + MERGED_SUFFIX in contexts  # they ran on the merged weights ...
+        assert lora.key not in contexts  # ... and the run-time LoRA context is gone
+        assert [answer(model, m, adapter) for m in PROMPTS[:2]] != [answer(model, m) for m in PROMPTS[:2]]
+
+        assert answer(model, PROMPTS[1], other)  # a second adapter: one merged copy at most
+        assert not wait_until(lambda: other.name in model.merged_adapters_now(), seconds=3)
+        assert model._loras[other.name].key in model._engine.contexts
+
+        assert model.forget_adapter(adapter.name)
+        assert wait_until(lambda: lora.merged is None and lora.key + MERGED_SUFFIX not in model._engine.contexts)
+        assert model.merged_adapters_now() == []
+    finally:
+        model.close()
+
+
+def test_merging_can_be_turned_off(settings, adapter, monkeypatch, caplog):
+    need_llamacpp("llama-cpp-python is not installed: there are no merged llama.cpp weights")
+    from personal_gpt.models.bundled import MERGED_ENV, llamacpp_merged_adapters
+    from personal_gpt.models.llamacpp import MERGED_ADAPTERS
+
+    monkeypatch.delenv(MERGED_ENV, raising=False)
+    assert llamacpp_merged_adapters() == MERGED_ADAPTERS == 1
+    monkeypatch.setenv(MERGED_ENV, "0")
+    assert llamacpp_merged_adapters() == 0
+    monkeypatch.setenv(MERGED_ENV, "many")
+    assert llamacpp_merged_adapters() == MERGED_ADAPTERS and "many" in caplog.text
+    monkeypatch.setenv(MERGED_ENV, "0")
+    model = bundled_local_model(settings, backend="llama.cpp")
+    try:
+        assert model.merged_adapters == 0
+        assert answer(model, PROMPTS[1], adapter)
+        assert not wait_until(lambda: model.merged_adapters_now(), seconds=3)
+        assert model._loras[adapter.name].key in model._engine.contexts
+    finally:
+        model.close()
 
 # --- falling back to torch -------------------------------------------------------------------
 
