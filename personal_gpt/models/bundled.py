@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from personal_gpt.errors import ModelError
 from personal_gpt.models.local import LocalModel
@@ -151,42 +152,39 @@ def llamacpp_weights() -> str:
     return "BF16" if native_bf16() else LLAMACPP_WEIGHTS
 
 
+def _int_setting(name: str, default: int, allowed: Callable[[int], bool], what: str) -> int:
+    """The whole number in environment variable ``name``, or ``default`` when it is unset, or
+    (with a warning naming what was typed) when it is not a number ``allowed`` accepts."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is not None and allowed(value):
+        return value
+    log.warning("%s=%r is not %s; using %d", name, raw, what, default)
+    return default
+
+
 def llamacpp_seq_cells() -> int:
     """KV cells each chat gets in llama.cpp's plain-model cache (``PERSONAL_GPT_LLAMACPP_SEQ_CELLS``):
     a number from 256 (chats longer than it run in a shared long-chat cache), or 0 for one cache shared
     by every chat (llama.cpp's unified cache: less memory, slower with several chats at once)."""
     from personal_gpt.models.llamacpp import SEQ_CELLS
 
-    raw = os.environ.get(SEQ_CELLS_ENV, "").strip()
-    if not raw:
-        return SEQ_CELLS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value == 0 or 256 <= value <= 65536:
-        return value
-    log.warning("%s=%r is not 0 or a number of cells from 256 to 65536; using %d", SEQ_CELLS_ENV, raw, SEQ_CELLS)
-    return SEQ_CELLS
+    return _int_setting(SEQ_CELLS_ENV, SEQ_CELLS, lambda v: v == 0 or 256 <= v <= 65536,
+                        "0 or a number of cells from 256 to 65536")
 
 
 def llamacpp_merged_adapters() -> int:
     """How many fine-tuned adapters llama.cpp runs from a merged copy of the weights
-    (``PERSONAL_GPT_LLAMACPP_MERGED_ADAPTERS``, 0 to 8; each copy takes ~270 MB of memory;
-    0: every adapter is applied at run time, slower per token)."""
+    (``PERSONAL_GPT_LLAMACPP_MERGED_ADAPTERS``, 0 to 8; each copy takes ~250 MB more memory than
+    the adapter applied at run time; 0: every adapter is applied at run time, slower per token)."""
     from personal_gpt.models.llamacpp import MERGED_ADAPTERS
 
-    raw = os.environ.get(MERGED_ENV, "").strip()
-    if not raw:
-        return MERGED_ADAPTERS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if 0 <= value <= 8:
-        return value
-    log.warning("%s=%r is not a number from 0 to 8; using %d", MERGED_ENV, raw, MERGED_ADAPTERS)
-    return MERGED_ADAPTERS
+    return _int_setting(MERGED_ENV, MERGED_ADAPTERS, lambda v: 0 <= v <= 8, "a number from 0 to 8")
 
 
 _NATIVE_BF16: bool | None = None
