@@ -49,6 +49,10 @@ LONG_KEY = "long"  # the plain model's context for chats longer than SEQ_CELLS
 # loaded are merged in the background (~4 s, a ~270 MB copy of the weights each) and then run from their
 # merged copy; until then, and for the others, the LoRA is applied at run time.
 MERGED_ADAPTERS = 1
+# When every merged place is taken, a merged adapter no chat has used for this long gives its place to the
+# adapter asking for one (it goes back to the LoRA applied at run time): the active version of a GPT that
+# was just fine-tuned again gets the fast path; two adapters used by turns do not merge back and forth.
+MERGE_IDLE_S = 60.0
 MERGED_SUFFIX = "+merged"  # context key of an adapter's merged weights
 IDLE_ADAPTER_CONTEXTS = 2  # contexts of adapters no chat uses that are kept (their prompts stay cached)
 SPARE_SEQUENCES = 4  # finished sequences kept beyond max_batch so later prompts reuse their prefix
@@ -438,13 +442,45 @@ class LlamaCppModel:
         self._maybe_merge(lora, Path(adapter.path))
         return lora
 
+    def _merged_place(self, lora: _Lora) -> tuple[bool, _Lora | None]:
+        """(whether ``lora`` may be merged now, the merged adapter that must give its place first or
+        None): fewer than MERGED_ADAPTERS run merged, or one of them has been idle MERGE_IDLE_S
+        (the least recently used). The caller holds ``_cond``."""
+        merged = [x for x in self._loras.values() if x.merged is not None and x is not lora]
+        if len(merged) < self.merged_adapters:
+            return True, None
+        now = time.monotonic()
+        idle = [x for x in merged if x.users == 0 and now - x.last_used >= MERGE_IDLE_S]
+        if self.merged_adapters == 0 or not idle:
+            return False, None
+        return True, min(idle, key=lambda x: x.last_used)
+
+    def _unmerge(self, lora: _Lora) -> bool:
+        """Free ``lora``'s merged weights (and their context) unless a chat runs on them; its
+        chats then use the LoRA applied at run time again."""
+        with self._step_lock:
+            engine = self._engine
+            if engine is None or lora.merged is None:
+                return lora.merged is None
+            key = lora.key + MERGED_SUFFIX
+            context = engine.contexts.get(key)
+            if context is not None:
+                if context.running:
+                    return False
+                del engine.contexts[key]
+                self._free_context(context)
+            with self._cond:
+                model, lora.merged, lora.merging = lora.merged, None, False
+            _lib().llama_model_free(model)
+        log.info("adapter %s (%s) gave its merged weights' place to another adapter", lora.name, lora.key)
+        return True
+
     def _maybe_merge(self, lora: _Lora, adapter_path: Path) -> None:
-        """Start merging ``lora`` into a copy of the weights when fewer than MERGED_ADAPTERS
-        adapters run merged (a merge that failed is not tried again)."""
+        """Start merging ``lora`` into a copy of the weights when it may take a merged place (see
+        ``_merged_place``; a merge that failed is not tried again)."""
         with self._cond:
-            merged = sum(1 for x in self._loras.values() if x.merged is not None)
             if lora.merging or lora.merged is not None or lora.retired or self._closed \
-                    or merged >= self.merged_adapters:
+                    or not self._merged_place(lora)[0]:
                 return
             lora.merging = True
         threading.Thread(target=self._merge, args=(lora, adapter_path), name=f"merge:{lora.name}",
@@ -464,10 +500,14 @@ class LlamaCppModel:
         lib = _lib()
         with self._merge_lock:
             with self._cond:
-                merged = sum(1 for x in self._loras.values() if x.merged is not None)
-                if self._closed or lora.retired or merged >= self.merged_adapters:
+                allowed, victim = self._merged_place(lora)
+                if self._closed or lora.retired or not allowed:
                     lora.merging = False  # another adapter took the place first: try again later
                     return
+            if victim is not None and not self._unmerge(victim):  # a chat started on it meanwhile
+                with self._cond:
+                    lora.merging = False
+                return
             engine = self._engine
             if engine is None:
                 return

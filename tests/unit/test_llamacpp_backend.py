@@ -474,6 +474,31 @@ def test_an_adapter_runs_from_merged_weights_once_they_are_built(settings, plain
         model.close()
 
 
+
+def test_an_idle_merged_adapter_gives_its_place_to_the_one_in_use(settings, plain, adapter, tmp_path, monkeypatch):
+    """With every merged place taken, an adapter in use takes the place of a merged one idle for
+    MERGE_IDLE_S (the GPT's newly trained version gets the fast path); the other one keeps answering
+    with its LoRA applied at run time."""
+    need_llamacpp("llama-cpp-python is not installed: there are no merged llama.cpp weights")
+    from personal_gpt.models import llamacpp
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+
+    model = LlamaCppModel(ensure_llamacpp_gguf(settings, "F16"), settings.model_cache_dir / BUNDLED_ID,
+                          "SmolLM2 (F16)", base_id=f"bundled:{BUNDLED_ID}", fallback=lambda: None, merged_adapters=1)
+    newer = make_adapter(plain, tmp_path / "adp-newer", seed=12, targets=ALL_LINEAR, scale=0.1)
+    try:
+        assert answer(model, PROMPTS[0], adapter)
+        assert wait_until(lambda: model.merged_adapters_now() == [adapter.name])
+        old = model._loras[adapter.name]
+        monkeypatch.setattr(llamacpp, "MERGE_IDLE_S", 0.0)  # as if the first had been idle a minute
+        assert answer(model, PROMPTS[1], newer)
+        assert wait_until(lambda: model.merged_adapters_now() == [newer.name]), model.merged_adapters_now()
+        assert old.merged is None and old.key + llamacpp.MERGED_SUFFIX not in model._engine.contexts
+        assert answer(model, PROMPTS[0], adapter)  # the first still answers, with its LoRA at run time
+        assert old.key in model._engine.contexts and old.merged is None
+    finally:
+        model.close()
+
 def test_merging_can_be_turned_off(settings, adapter, monkeypatch, caplog):
     need_llamacpp("llama-cpp-python is not installed: there are no merged llama.cpp weights")
     from personal_gpt.models.bundled import MERGED_ENV, llamacpp_merged_adapters
