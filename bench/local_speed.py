@@ -330,6 +330,8 @@ def main() -> int:
     parser.add_argument("--kv", default="split", help="llama.cpp KV cache layouts for our path, comma-separated: "
                         "split (each chat its own cells, the default) and/or unified (one cache shared by all); "
                         "each row runs with every layout")
+    parser.add_argument("--no-stock-kernels", action="store_true", help="leave out the row of our llama.cpp path "
+                        "on llama.cpp's stock kernels (run when the installed build carries ours)")
     args = parser.parse_args()
     if args.home:
         os.environ["PERSONAL_GPT_HOME"] = str(args.home)
@@ -347,7 +349,7 @@ def main() -> int:
         ensure_llamacpp_gguf,
         llamacpp_weights,
     )
-    from personal_gpt.models.llamacpp import llamacpp_installed
+    from personal_gpt.models.llamacpp import kernels_version, llamacpp_installed
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -361,6 +363,8 @@ def main() -> int:
     print(f"{BUNDLED_NAME}; torch {torch.__version__}, {threads} threads; {max_new} new tokens, greedy, "
           f"median of {repeats}; quality: {quality_new} new tokens on {len(QUALITY_PROMPTS)} prompts; "
           f"load average at start {load[0]:.2f}", flush=True)
+    if llamacpp_installed():
+        print(f"llama.cpp kernels: {f'ours, v{kernels_version()}' if kernels_version() else 'stock'}", flush=True)
 
     rows: dict[str, dict] = {}
     print("plain transformers fp32 ...", flush=True)
@@ -416,6 +420,17 @@ def main() -> int:
                     ours.close()
                     del ours
                     gc.collect()
+                if i == 0 and layout == layouts[0] and kernels_version() and not args.no_stock_kernels:
+                    # the same path on llama.cpp's own attention loop and products (the patch's switches)
+                    print(f"ours, llama.cpp path, {weights} weights, llama.cpp's stock kernels ...", flush=True)
+                    os.environ["PGPT_GGML_STOCK_FA"] = os.environ["PGPT_GGML_STOCK_GEMM"] = "1"
+                    ours = bundled_local_model(settings, backend="llama.cpp")
+                    rows[f"ours llama.cpp {label}, stock kernels"] = chat_model_phase(
+                        ours, None, max_new, quality_new, repeats, tokenizer, plain["reference"])
+                    ours.close()
+                    del ours
+                    gc.collect()
+                    del os.environ["PGPT_GGML_STOCK_FA"], os.environ["PGPT_GGML_STOCK_GEMM"]
     else:
         print("llama-cpp-python is not installed: the llama.cpp rows are left out")
 

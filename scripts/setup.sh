@@ -12,8 +12,10 @@
 #   PGPT_TORCH_VERSION  torch version to install (default 2.13.0)
 #   PGPT_FORCE_SETUP=1  reinstall the project even if the stamp says it's done
 #   PGPT_LLAMACPP=1     also install llama-cpp-python (the bundled model then runs on llama.cpp,
-#                       3-4x faster decoding); the first time compiles llama.cpp (~8 min on 2
-#                       cores), later installs reuse pip's wheel. scripts/test.sh turns it on.
+#                       3-4x faster decoding), built with our CPU kernels
+#                       (third_party/llama.cpp/pgpt-kernels.patch); the first time compiles
+#                       llama.cpp (minutes on 2 cores), later installs reuse the wheel kept in
+#                       $PGPT_CACHE_DIR (default ~/.cache/personal-gpt). scripts/test.sh turns it on.
 #   PGPT_LLAMACPP_CMAKE_ARGS  CMake flags for that build (default: native CPU, no curl/tests)
 # Bash 3.2 compatible (macOS): no associative arrays, no ${var,,}.
 set -euo pipefail
@@ -197,15 +199,64 @@ else
 fi
 
 LLAMACPP_VERSION=0.3.36
-if [ "${PGPT_LLAMACPP:-0}" = 1 ]; then
-    if "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$LLAMACPP_VERSION')" \
+LLAMACPP_PATCH="$ROOT/third_party/llama.cpp/pgpt-kernels.patch"
+LLAMACPP_CMAKE_ARGS="${PGPT_LLAMACPP_CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
+
+# Which llama.cpp build is (or should be) installed: version + our kernels' patch + CMake flags.
+llamacpp_build_id() {
+    { printf '%s\n%s\n' "$LLAMACPP_VERSION" "$LLAMACPP_CMAKE_ARGS"; cat "$LLAMACPP_PATCH"; } |
+        "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])'
+}
+
+# Build llama-cpp-python from its sdist with third_party/llama.cpp/pgpt-kernels.patch applied, into
+# the wheel cache dir $1 (kept across venvs and clean clones: the compile runs once per machine).
+build_patched_llamacpp() {
+    local dest="$1" work rc=0
+    work="$(mktemp -d "${TMPDIR:-/tmp}/pgpt-llamacpp.XXXXXX")"
+    rm -rf "$dest.tmp"
+    {
+        pip_ download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMACPP_VERSION" -d "$work" &&
+            tar -xzf "$work/llama_cpp_python-$LLAMACPP_VERSION.tar.gz" -C "$work" &&
+            (cd "$work/llama_cpp_python-$LLAMACPP_VERSION" && patch -p1 -s --forward <"$LLAMACPP_PATCH") &&
+            mkdir -p "$dest.tmp" &&
+            CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS" pip_ wheel -q --no-deps -w "$dest.tmp" \
+                "$work/llama_cpp_python-$LLAMACPP_VERSION" &&
+            rm -rf "$dest" && mv "$dest.tmp" "$dest"
+    } || rc=$?
+    rm -rf "$work" "$dest.tmp"
+    return "$rc"
+}
+
+install_llamacpp() {
+    local build_id marker cache wheel
+    build_id="$(llamacpp_build_id)"
+    marker="$VENV/.pgpt-llamacpp-$build_id"
+    if [ -f "$marker" ] && "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama-cpp-python') != '$LLAMACPP_VERSION')" \
         >/dev/null 2>&1; then
-        step "llama-cpp-python $LLAMACPP_VERSION already installed"
-    else
-        step "Installing llama-cpp-python $LLAMACPP_VERSION (the first time compiles llama.cpp: several minutes)"
-        CMAKE_ARGS="${PGPT_LLAMACPP_CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
-            pip_ install -q "llama-cpp-python==$LLAMACPP_VERSION"
+        step "llama-cpp-python $LLAMACPP_VERSION (with our kernels) already installed"
+        return 0
     fi
+    cache="${PGPT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/personal-gpt}/llama-cpp-python-$LLAMACPP_VERSION-$build_id"
+    wheel="$(ls "$cache"/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)"
+    if [ -z "$wheel" ]; then
+        step "Building llama-cpp-python $LLAMACPP_VERSION with our kernels (third_party/llama.cpp; compiles llama.cpp once per machine: several minutes)"
+        if build_patched_llamacpp "$cache"; then
+            wheel="$(ls "$cache"/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)"
+        fi
+    fi
+    if [ -n "$wheel" ] && pip_ install -q --force-reinstall --no-deps "$wheel"; then
+        rm -f "$VENV"/.pgpt-llamacpp-*
+        : >"$marker"
+        return 0
+    fi
+    # The patch no longer applies, or no compiler for it: the stock build still runs everything.
+    printf 'setup.sh: WARNING: building llama.cpp with our kernels failed; installing stock llama-cpp-python %s\n' \
+        "$LLAMACPP_VERSION" >&2
+    CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS" pip_ install -q "llama-cpp-python==$LLAMACPP_VERSION"
+}
+
+if [ "${PGPT_LLAMACPP:-0}" = 1 ]; then
+    install_llamacpp
 fi
 
 step "Environment ready: $VENV"

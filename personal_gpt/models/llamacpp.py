@@ -103,6 +103,35 @@ def _lib():
         return _LIB
 
 
+_KERNELS: int | None = None
+
+
+def kernels_version() -> int:
+    """The version of our CPU kernels (``third_party/llama.cpp/pgpt-kernels.patch``: flash attention
+    for decode steps and short prompt chunks, prefetching small matrix products) in the installed
+    llama.cpp build, or 0 for a stock build (then everything runs, on llama.cpp's own kernels).
+    ``scripts/setup.sh`` builds llama-cpp-python with them."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = 0
+        try:
+            import llama_cpp.llama_cpp as binding
+
+            folder = Path(getattr(binding, "_base_path", Path(binding.__file__).parent / "lib"))
+            for path in sorted(folder.glob("*ggml-cpu*")):
+                try:
+                    function = getattr(ctypes.CDLL(str(path)), "pgpt_ggml_kernels_version", None)
+                except OSError:
+                    continue
+                if function is not None:
+                    function.restype = ctypes.c_int
+                    _KERNELS = int(function())
+                    break
+        except Exception:  # not installed, or a layout this does not know: report a stock build
+            log.debug("could not tell which llama.cpp kernels are installed", exc_info=True)
+    return _KERNELS
+
+
 # --- sequences and adapters -----------------------------------------------------------
 
 @dataclass(eq=False)
@@ -319,6 +348,9 @@ class LlamaCppModel:
         model = lib.llama_model_load_from_file(str(self.gguf_path).encode(), params)
         if not model:
             raise RuntimeError("llama_model_load_from_file returned NULL")
+        kernels = kernels_version()
+        log.info("llama.cpp serves %s on %s", self.gguf_path.name,
+                 f"our CPU kernels (v{kernels})" if kernels else "its stock kernels")
         vocab = lib.llama_model_get_vocab(model)
         engine = _Engine(model=model, vocab=vocab, n_vocab=int(lib.llama_vocab_n_tokens(vocab)), shape=shape,
                          contexts={})

@@ -872,3 +872,108 @@ def test_a_chat_longer_than_its_cells_runs_in_the_long_chat_cache(settings):
         finally:
             model.close()
     assert answers[256] == answers[0] and answers[0], answers
+
+
+# --- our CPU kernels (third_party/llama.cpp/pgpt-kernels.patch) ------------------------------------
+
+def test_the_installed_llamacpp_carries_our_kernels():
+    """scripts/setup.sh builds llama-cpp-python with our kernels; where the test command set it up,
+    a stock build (the setup's fallback when the patch cannot be built) fails here."""
+    need_llamacpp("llama-cpp-python is not installed: there are no llama.cpp kernels to check")
+    from personal_gpt.models.llamacpp import kernels_version
+
+    if kernels_version() == 0 and os.environ.get("PGPT_EXPECT_LLAMACPP") != "1":
+        pytest.skip("a stock llama-cpp-python build (installed by hand, not by scripts/setup.sh)")
+    assert kernels_version() >= 1, "scripts/setup.sh should have built llama.cpp with pgpt-kernels.patch"
+
+
+def _attention_rows(lib, model, n_vocab: int, prompt: list[int], flash: int, stock: set[str]) -> list:
+    """Logits of several decode batches over the same cached prompts (1 row; 5 rows of one chat;
+    2 rows of each of 4 chats in a split cache; a 40-token chunk), with llama.cpp's flash attention
+    on or off (``flash``) and the stock kernels named in ``stock`` (``fa``, ``gemm``) chosen."""
+    import numpy as np
+
+    for name, env in (("fa", "PGPT_GGML_STOCK_FA"), ("gemm", "PGPT_GGML_STOCK_GEMM")):
+        if name in stock:
+            os.environ[env] = "1"
+        else:
+            os.environ.pop(env, None)
+    params = lib.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 4 * 1024, 512, 512, 4
+    params.n_threads = params.n_threads_batch = 2
+    params.kv_unified, params.flash_attn_type, params.no_perf = False, flash, True
+    ctx = lib.llama_init_from_model(model, params)
+    assert ctx
+    batch = lib.llama_batch_init(512, 0, 1)
+
+    def decode(rows) -> np.ndarray:  # rows: (sequence, position, token, wants logits)
+        for i, (seq, pos, token, out) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, out
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(rows)
+        assert lib.llama_decode(ctx, batch) == 0
+        wanted = sum(1 for row in rows if row[3])
+        return np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(wanted * n_vocab,)).reshape(wanted, n_vocab).copy()
+
+    try:
+        lengths = [len(prompt), len(prompt) // 3, len(prompt) // 2, 37]
+        for seq, n in enumerate(lengths):
+            decode([(seq, i, prompt[(i + 11 * seq) % len(prompt)], False) for i in range(n)])
+        follow = prompt[:40]
+        batches = [[(0, lengths[0], follow[0], True)],
+                   [(0, lengths[0] + i, follow[i], True) for i in range(5)],
+                   [(seq, lengths[seq] + i, follow[i + seq], True) for seq in range(4) for i in range(2)],
+                   [(2, lengths[2] + i, follow[i], True) for i in range(40)]]
+        results = []
+        for rows in batches:
+            results.append(decode(rows))
+            memory = lib.llama_get_memory(ctx)
+            for seq in range(4):  # back to the cached prompts
+                lib.llama_memory_seq_rm(memory, seq, lengths[seq], -1)
+        return results
+    finally:
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
+        os.environ.pop("PGPT_GGML_STOCK_FA", None)
+        os.environ.pop("PGPT_GGML_STOCK_GEMM", None)
+
+
+def test_our_decode_attention_is_llamacpps_attention_computed_closer_to_f32(settings, plain):
+    """Our flash attention for a few query rows (decode steps, guesses, short prompt chunks) gives
+    the logits of llama.cpp's attention computed without flash attention (f32 scores and softmax),
+    closer to them than llama.cpp's own flash-attention loop (which accumulates in fp16), with the
+    same next tokens; prefetching in the small matrix products changes no result. F16 weights, so
+    the weights round nothing the comparison could hide behind."""
+    need_llamacpp("llama-cpp-python is not installed: there are no llama.cpp kernels to check")
+    import numpy as np
+
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+    from personal_gpt.models.llamacpp import _lib, kernels_version
+
+    if kernels_version() == 0:
+        pytest.skip("a stock llama.cpp build: no kernels of ours to compare")
+    lib = _lib()
+    info = lib.llama_print_system_info()
+    avx512 = b"AVX512 = 1" in (info if isinstance(info, bytes) else str(info).encode())
+    _, tokenizer = plain
+    text = " ".join(m["content"] for p in PROMPTS for m in p) + " The baker opens at seven and closes at six. " * 20
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:420]
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = 0
+    model = lib.llama_model_load_from_file(str(ensure_llamacpp_gguf(settings, "F16")).encode(), params)
+    assert model
+    try:
+        n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
+        unfused = _attention_rows(lib, model, n_vocab, prompt, 0, set())
+        stock = _attention_rows(lib, model, n_vocab, prompt, 1, {"fa", "gemm"})
+        ours = _attention_rows(lib, model, n_vocab, prompt, 1, set())
+        ours_stock_gemm = _attention_rows(lib, model, n_vocab, prompt, 1, {"gemm"})
+    finally:
+        lib.llama_model_free(model)
+    for want, theirs, got, got_plain_gemm in zip(unfused, stock, ours, ours_stock_gemm):
+        ours_off, stock_off = np.abs(got - want).max(), np.abs(theirs - want).max()
+        assert ours_off <= stock_off and ours_off < 0.05, (ours_off, stock_off)
+        assert (got.argmax(1) == want.argmax(1)).all()
+        assert np.array_equal(got, got_plain_gemm)  # prefetching moves data, not arithmetic
+        if avx512:  # our kernel ran (it is built for AVX-512 CPUs)
+            assert not np.array_equal(got, theirs)
