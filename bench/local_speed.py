@@ -317,6 +317,24 @@ def plain_llamacpp(gguf: Path, threads: int, max_new: int, quality_new: int, rep
     return result
 
 
+def on_own_thread(fn):
+    """``fn()`` run on a new thread, which ends with it (its OpenMP team with it)."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="plain-llama.cpp")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 # --- the report --------------------------------------------------------------------------------
 
 def main() -> int:
@@ -389,8 +407,10 @@ def main() -> int:
         gc.collect()
     if llamacpp_installed():
         print("plain llama-cpp-python, shipped Q4_1 file ...", flush=True)
-        rows["llama-cpp-python Q4_1"] = plain_llamacpp(bundled_gguf_path(), threads, max_new, quality_new, repeats,
-                                                       tokenizer, plain["reference"], encode)
+        # on a thread of its own that then ends: llama.cpp's OpenMP team left on the main thread slowed every
+        # later llama.cpp row down (decode 80 against 117 tokens/s for ours, bench/kernels.py)
+        rows["llama-cpp-python Q4_1"] = on_own_thread(lambda: plain_llamacpp(
+            bundled_gguf_path(), threads, max_new, quality_new, repeats, tokenizer, plain["reference"], encode))
         layouts = [k.strip() for k in args.kv.split(",") if k.strip()]
         for i, weights in enumerate(args.weights.split(",") if args.weights else [llamacpp_weights()]):
             for layout in layouts:

@@ -221,7 +221,9 @@ build_patched_llamacpp() {
             mkdir -p "$dest.tmp" &&
             CMAKE_ARGS="$LLAMACPP_CMAKE_ARGS" pip_ wheel -q --no-deps -w "$dest.tmp" \
                 "$work/llama_cpp_python-$LLAMACPP_VERSION" &&
-            rm -rf "$dest" && mv "$dest.tmp" "$dest"
+            rm -rf "$dest" && mv "$dest.tmp" "$dest" &&
+            # wheels of earlier patches or flags are not used again
+            for old in "${dest%-*}"-*; do [ "$old" = "$dest" ] || rm -rf "$old"; done
     } || rc=$?
     rm -rf "$work" "$dest.tmp"
     return "$rc"

@@ -974,6 +974,40 @@ def test_our_decode_attention_is_llamacpps_attention_computed_closer_to_f32(sett
         ours_off, stock_off = np.abs(got - want).max(), np.abs(theirs - want).max()
         assert ours_off <= stock_off and ours_off < 0.05, (ours_off, stock_off)
         assert (got.argmax(1) == want.argmax(1)).all()
-        assert np.array_equal(got, got_plain_gemm)  # prefetching moves data, not arithmetic
+        assert np.array_equal(got, got_plain_gemm)  # F16 products: the prefetch moves data, not arithmetic
         if avx512:  # our kernel ran (it is built for AVX-512 CPUs)
             assert not np.array_equal(got, theirs)
+
+
+def test_our_small_bf16_products_give_llamacpps_results(settings, plain):
+    """BF16 weights times 2 to 16 columns (a few chats' decode steps, guesses) run in our kernel:
+    the same products summed in another order, so the logits of every batch stay within float
+    rounding of llama.cpp's own kernel (tinyBLAS) and pick the same next tokens."""
+    need_llamacpp("llama-cpp-python is not installed: there are no llama.cpp kernels to check")
+    import numpy as np
+
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf, native_bf16
+    from personal_gpt.models.llamacpp import _lib, kernels_version
+
+    if kernels_version() == 0:
+        pytest.skip("a stock llama.cpp build: no kernels of ours to compare")
+    lib = _lib()
+    _, tokenizer = plain
+    text = " ".join(m["content"] for p in PROMPTS for m in p) + " Our shop ships parcels every weekday. " * 20
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:420]
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = 0
+    model = lib.llama_model_load_from_file(str(ensure_llamacpp_gguf(settings, "BF16")).encode(), params)
+    assert model
+    try:
+        n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
+        theirs = _attention_rows(lib, model, n_vocab, prompt, 1, {"gemm"})
+        ours = _attention_rows(lib, model, n_vocab, prompt, 1, set())
+    finally:
+        lib.llama_model_free(model)
+    for want, got in zip(theirs, ours):
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() < 0.01 * scale, (np.abs(got - want).max(), scale)
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+    # the 5- and 8-row batches ran in our kernel where the CPU has AVX512_BF16 (it is built for them)
+    assert native_bf16() == (not np.array_equal(ours[1], theirs[1]) and not np.array_equal(ours[2], theirs[2]))
