@@ -68,9 +68,10 @@ def fp32_reference(model_dir: Path, new: int, adapter_dir: Path | None = None):
     return out, tokenizer
 
 
-def llamacpp_logprobs(gguf: Path, ids: list[int], start: int, lora: Path | None = None):
+def llamacpp_logprobs(gguf: Path, ids: list[int], start: int, lora: Path | None = None, chunk: int = 0):
     """Log-probs of every position from ``start - 1`` to the end - 1 (teacher forcing); ``lora``:
-    a GGUF LoRA applied at run time."""
+    a GGUF LoRA applied at run time; ``chunk``: the answer read ``chunk`` tokens per decode (as decode
+    steps with guesses are) instead of with the prompt in one batch."""
     import numpy as np
 
     from llama_cpp import Llama
@@ -81,7 +82,12 @@ def llamacpp_logprobs(gguf: Path, ids: list[int], start: int, lora: Path | None 
                                           n_batch=512, logits_all=True, verbose=False,
                                           lora_path=str(lora) if lora else None)
     llm.reset()
-    llm.eval(ids)
+    if chunk:
+        llm.eval(ids[:start])
+        for i in range(start, len(ids), chunk):
+            llm.eval(ids[i:i + chunk])
+    else:
+        llm.eval(ids)
     logits = np.asarray(llm.scores[start - 1:len(ids) - 1], dtype=np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
@@ -90,12 +96,12 @@ def llamacpp_logprobs(gguf: Path, ids: list[int], start: int, lora: Path | None 
 _LLMS: dict = {}
 
 
-def compare(reference, gguf: Path, lora: Path | None = None) -> dict:
+def compare(reference, gguf: Path, lora: Path | None = None, chunk: int = 0) -> dict:
     import numpy as np
 
     agree, kls, out_of_top5 = [], [], []
     for ids, start, ref in reference:
-        got = llamacpp_logprobs(gguf, ids, start, lora)
+        got = llamacpp_logprobs(gguf, ids, start, lora, chunk)
         p = np.exp(ref.astype(np.float64))
         kls.extend((p * (ref - got)).sum(axis=1))
         agree.extend(ref.argmax(axis=1) == got.argmax(axis=1))
@@ -132,6 +138,9 @@ def main() -> int:
     parser.add_argument("--types", default="F32,F16,BF16,Q8_0,Q4_1")
     parser.add_argument("--new", type=int, default=48, help="fp32 greedy answer length per prompt")
     parser.add_argument("--adapter", action="store_true", help="with a LoRA: applied at run time and merged")
+    parser.add_argument("--kernels", type=int, default=0, metavar="K",
+                        help="read each answer K tokens per decode, as decode steps with guesses are, once on our "
+                             "llama.cpp kernels and once on llama.cpp's stock ones (third_party/llama.cpp)")
     args = parser.parse_args()
     try:
         import llama_cpp  # noqa: F401
@@ -151,7 +160,7 @@ def main() -> int:
     long_prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     print(f"fp32 reference{' (peft, with the adapter)' if adapter_dir else ''}: {len(QUALITY_PROMPTS)} prompts x "
           f"{args.new} greedy tokens; load average {load:.2f}")
-    print(f"{'weights':20} {'positions':>9} {'top-1 same':>10} {'KL mean':>9} {'KL p99':>9} {'fp32 not top5':>13} "
+    print(f"{'weights':27} {'positions':>9} {'top-1 same':>10} {'KL mean':>9} {'KL p99':>9} {'fp32 not top5':>13} "
           f"{'prefill s':>9} {'step ms':>8}")
     for weights in [w.strip().upper() for w in args.types.split(",") if w.strip()]:
         gguf = ensure_llamacpp_gguf(settings, weights)
@@ -163,13 +172,21 @@ def main() -> int:
             lora = lora_to_gguf(adapter_dir, work / "adapter.gguf", shape)
             merged = merge_lora(gguf, adapter_dir, work / f"merged-{weights}.gguf", shape)
             ways = [(f"{weights} + LoRA", gguf, lora), (f"{weights} merged", merged, None)]
+        if args.kernels:  # our kernels against the stock ones, the answers read in small decodes
+            ways = [(f"{label}, {k} kernels", path, lora) for label, path, lora in ways for k in ("our", "stock")]
         for label, path, lora in ways:
-            r = compare(reference, path, lora)
+            stock = label.endswith("stock kernels")
+            for name in ("PGPT_GGML_STOCK_FA", "PGPT_GGML_STOCK_GEMM"):
+                if stock:
+                    os.environ[name] = "1"
+                else:
+                    os.environ.pop(name, None)
+            r = compare(reference, path, lora, args.kernels)
             prefill, step = speed(path, long_prompt, lora)
-            print(f"{label:20} {r['positions']:>9} {r['top1']:>10.3f} {r['kl_mean']:>9.5f} {r['kl_p99']:>9.5f} "
+            print(f"{label:27} {r['positions']:>9} {r['top1']:>10.3f} {r['kl_mean']:>9.5f} {r['kl_p99']:>9.5f} "
                   f"{r['out_of_top5']:>13.3f} {prefill:>9.3f} {step * 1000:>8.1f}", flush=True)
             _LLMS.pop((path, lora)).close()
-            if path != gguf:
+            if path != gguf and not (args.kernels and not stock):
                 path.unlink()
     print(f"(teacher forcing on fp32's own answers; prefill: {len(long_prompt)}-token prompt; step: one-token "
           f"decode; plain llama-cpp-python, 2 threads; load average at end {os.getloadavg()[0]:.2f})")
