@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(BENCH))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from local_speed import QUESTIONS, _greedy, _messages  # noqa: E402
+from local_speed import QUESTIONS, _greedy, _messages, chats_together  # noqa: E402
 
 from personal_gpt.config import Settings  # noqa: E402
 from personal_gpt.models.base import Usage  # noqa: E402
@@ -73,19 +72,7 @@ def round_of(model) -> dict:
     result["decode 6q"] = tokens / seconds
     for n in (1, 4, 8):
         model.clear_prefix_cache()
-        usages = [Usage() for _ in range(n)]
-
-        def chat(i: int) -> None:
-            for _ in model.stream(_messages(QUESTIONS[i]), _greedy(NEW), usage=usages[i]):
-                pass
-
-        threads = [threading.Thread(target=chat, args=(i,)) for i in range(n)]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        result[f"{n} chats"] = sum(u.completion_tokens for u in usages) / (time.perf_counter() - started)
+        result[f"{n} chats"] = chats_together(model.stream, n, NEW)[0]
     return result
 
 

@@ -197,6 +197,25 @@ def _strip(ids: list[int], tokenizer) -> list[int]:
 
 # --- a ChatModel (ours: torch or llama.cpp) ------------------------------------------------
 
+def chats_together(stream, n: int, max_new: int) -> tuple[float, list[float]]:
+    """(aggregate tokens/s, sorted first-token seconds) of ``n`` greedy chats on QUESTIONS[:n] started
+    together, each on its own thread; ``stream`` is a model's ``stream``."""
+    usages = [Usage() for _ in range(n)]
+
+    def chat(i: int) -> None:
+        for _ in stream(_messages(QUESTIONS[i]), _greedy(max_new), usage=usages[i]):
+            pass
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(n)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return (sum(u.completion_tokens for u in usages) / (time.perf_counter() - started),
+            sorted(u.first_token_s for u in usages))
+
+
 def chat_model_phase(model, adapter: AdapterRef | None, max_new: int, quality_new: int, repeats: int,
                      tokenizer, reference: list[list[int]]) -> dict:
     stream = model.stream if adapter is None else (
@@ -232,20 +251,7 @@ def chat_model_phase(model, adapter: AdapterRef | None, max_new: int, quality_ne
         conc, firsts = {}, {}
         for n in (1, 4, 8):
             model.clear_prefix_cache()
-            usages = [Usage() for _ in range(n)]
-
-            def chat(i: int) -> None:
-                for _ in stream(_messages(QUESTIONS[i]), _greedy(max_new), usage=usages[i]):
-                    pass
-
-            threads = [threading.Thread(target=chat, args=(i,)) for i in range(n)]
-            started = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            conc[n] = sum(u.completion_tokens for u in usages) / (time.perf_counter() - started)
-            firsts[n] = sorted(u.first_token_s for u in usages)
+            conc[n], firsts[n] = chats_together(stream, n, max_new)
         result["concurrent"], result["first_tokens"] = conc, firsts
         model.clear_prefix_cache()
         answers = [one(_messages(u, s), quality_new)[1] for s, u in QUALITY_PROMPTS]

@@ -938,6 +938,29 @@ def _attention_rows(lib, model, n_vocab: int, prompt: list[int], flash: int, sto
         os.environ.pop("PGPT_GGML_STOCK_GEMM", None)
 
 
+def _kernel_runs(settings, plain, weights: str, filler: str, runs: list[tuple[int, set[str]]]) -> list[list]:
+    """``_attention_rows`` of the bundled model in ``weights`` for each (flash attention, stock kernels)
+    of ``runs``, over a ~420-token prompt (the test prompts and ``filler`` repeated)."""
+    from personal_gpt.models.bundled import ensure_llamacpp_gguf
+    from personal_gpt.models.llamacpp import _lib, kernels_version
+
+    if kernels_version() == 0:
+        pytest.skip("a stock llama.cpp build: no kernels of ours to compare")
+    lib = _lib()
+    _, tokenizer = plain
+    text = " ".join(m["content"] for p in PROMPTS for m in p) + f" {filler}" * 20
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:420]
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = 0
+    model = lib.llama_model_load_from_file(str(ensure_llamacpp_gguf(settings, weights)).encode(), params)
+    assert model
+    try:
+        n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
+        return [_attention_rows(lib, model, n_vocab, prompt, flash, stock) for flash, stock in runs]
+    finally:
+        lib.llama_model_free(model)
+
+
 def test_our_decode_attention_is_llamacpps_attention_computed_closer_to_f32(settings, plain):
     """Our flash attention for a few query rows (decode steps, guesses, short prompt chunks) gives
     the logits of llama.cpp's attention computed without flash attention (f32 scores and softmax),
@@ -947,29 +970,13 @@ def test_our_decode_attention_is_llamacpps_attention_computed_closer_to_f32(sett
     need_llamacpp("llama-cpp-python is not installed: there are no llama.cpp kernels to check")
     import numpy as np
 
-    from personal_gpt.models.bundled import ensure_llamacpp_gguf
-    from personal_gpt.models.llamacpp import _lib, kernels_version
+    from personal_gpt.models.llamacpp import _lib
 
-    if kernels_version() == 0:
-        pytest.skip("a stock llama.cpp build: no kernels of ours to compare")
-    lib = _lib()
-    info = lib.llama_print_system_info()
+    unfused, stock, ours, ours_stock_gemm = _kernel_runs(
+        settings, plain, "F16", "The baker opens at seven and closes at six.",
+        [(0, set()), (1, {"fa", "gemm"}), (1, set()), (1, {"gemm"})])
+    info = _lib().llama_print_system_info()
     avx512 = b"AVX512 = 1" in (info if isinstance(info, bytes) else str(info).encode())
-    _, tokenizer = plain
-    text = " ".join(m["content"] for p in PROMPTS for m in p) + " The baker opens at seven and closes at six. " * 20
-    prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:420]
-    params = lib.llama_model_default_params()
-    params.n_gpu_layers = 0
-    model = lib.llama_model_load_from_file(str(ensure_llamacpp_gguf(settings, "F16")).encode(), params)
-    assert model
-    try:
-        n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
-        unfused = _attention_rows(lib, model, n_vocab, prompt, 0, set())
-        stock = _attention_rows(lib, model, n_vocab, prompt, 1, {"fa", "gemm"})
-        ours = _attention_rows(lib, model, n_vocab, prompt, 1, set())
-        ours_stock_gemm = _attention_rows(lib, model, n_vocab, prompt, 1, {"gemm"})
-    finally:
-        lib.llama_model_free(model)
     for want, theirs, got, got_plain_gemm in zip(unfused, stock, ours, ours_stock_gemm):
         ours_off, stock_off = np.abs(got - want).max(), np.abs(theirs - want).max()
         assert ours_off <= stock_off and ours_off < 0.05, (ours_off, stock_off)
@@ -986,25 +993,10 @@ def test_our_small_bf16_products_give_llamacpps_results(settings, plain):
     need_llamacpp("llama-cpp-python is not installed: there are no llama.cpp kernels to check")
     import numpy as np
 
-    from personal_gpt.models.bundled import ensure_llamacpp_gguf, native_bf16
-    from personal_gpt.models.llamacpp import _lib, kernels_version
+    from personal_gpt.models.bundled import native_bf16
 
-    if kernels_version() == 0:
-        pytest.skip("a stock llama.cpp build: no kernels of ours to compare")
-    lib = _lib()
-    _, tokenizer = plain
-    text = " ".join(m["content"] for p in PROMPTS for m in p) + " Our shop ships parcels every weekday. " * 20
-    prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:420]
-    params = lib.llama_model_default_params()
-    params.n_gpu_layers = 0
-    model = lib.llama_model_load_from_file(str(ensure_llamacpp_gguf(settings, "BF16")).encode(), params)
-    assert model
-    try:
-        n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
-        theirs = _attention_rows(lib, model, n_vocab, prompt, 1, {"gemm"})
-        ours = _attention_rows(lib, model, n_vocab, prompt, 1, set())
-    finally:
-        lib.llama_model_free(model)
+    theirs, ours = _kernel_runs(settings, plain, "BF16", "Our shop ships parcels every weekday.",
+                                [(1, {"gemm"}), (1, set())])
     for want, got in zip(theirs, ours):
         scale = np.abs(want).max()
         assert np.abs(got - want).max() < 0.01 * scale, (np.abs(got - want).max(), scale)
