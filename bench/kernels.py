@@ -120,7 +120,20 @@ class PlainQ41:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per kernel set (alternating)")
+    parser.add_argument("--torch-threads", type=int, default=0, metavar="N",
+                        help="first compute with torch on N threads on the main thread for 3 s, as the app's "
+                             "embedder does (a second OpenMP team in the process; see personal_gpt/__init__.py)")
     args = parser.parse_args()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+        a, started = torch.randn(512, 512), time.perf_counter()
+        while time.perf_counter() - started < 3:
+            a @ a
+    print(f"libgomp: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; torch first on "
+          f"{args.torch_threads or 'no'} threads", flush=True)
     from personal_gpt.models.llamacpp import kernels_version
 
     if not kernels_version():

@@ -246,6 +246,7 @@ install_llamacpp() {
             wheel="$(ls "$cache"/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)"
         fi
     fi
+    [ -n "$wheel" ] && step "Installing llama-cpp-python $LLAMACPP_VERSION with our kernels ($wheel)"
     # --force-reinstall --no-deps: replaces a stock build of the same version without touching numpy & co.;
     # the second install then adds any of its dependencies still missing (diskcache, jinja2, ...)
     if [ -n "$wheel" ] && pip_ install -q --force-reinstall --no-deps "$wheel" && pip_ install -q "$wheel"; then

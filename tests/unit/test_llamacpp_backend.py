@@ -1003,3 +1003,28 @@ def test_our_small_bf16_products_give_llamacpps_results(settings, plain):
         assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
     # the 5- and 8-row batches ran in our kernel where the CPU has AVX512_BF16 (it is built for them)
     assert native_bf16() == (not np.array_equal(ours[1], theirs[1]) and not np.array_equal(ours[2], theirs[2]))
+
+
+@pytest.mark.parametrize("environment, want", [
+    ({}, ("ACTIVE", "300000")),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, ("PASSIVE", "300000")),
+    ({"PERSONAL_GPT_OMP_SPIN": "0"}, (None, None)),
+])
+def test_importing_the_package_keeps_libgomps_spin_before_torch_or_llamacpp_load(environment, want):
+    """personal_gpt sets libgomp's wait policy before torch or llama_cpp load it (a second OpenMP team in
+    the process otherwise cut the spin of llama.cpp's barriers: ~40% slower chats, bench/kernels.py
+    --torch-threads 2); values already set win, and PERSONAL_GPT_OMP_SPIN=0 leaves libgomp's defaults."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PERSONAL_GPT_OMP_SPIN")}
+    env.update(environment)
+    code = ("import os, sys, json, personal_gpt; "
+            "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), "
+            "any(m.startswith(('torch', 'llama_cpp')) for m in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    policy, spin, loaded = json.loads(out)
+    assert (policy, spin) == want
+    assert not loaded  # set before either library (and its libgomp) is loaded
